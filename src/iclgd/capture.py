@@ -1,0 +1,302 @@
+"""Scoped capture of attention internals (SPEC §3) and of the label scores (SPEC §2).
+
+`capture(model, plan)` is a context manager. Inside it, every forward pass of `model` records,
+per layer, the attention sublayer output at each example's recording position and the
+pre-softmax attention scores from that position to the example's own query tokens, plus the
+vocabulary logits at each example's prediction position. Everything it installs (the attention
+implementation, forward hooks, patched GPT-Neo kernels) is removed in `finally`.
+
+How it sees the scores: transformers routes attention through `ALL_ATTENTION_FUNCTIONS`; we
+register one function, "iclgd", that computes attention exactly as SDPA does and, when a
+capture is active for that module, also computes the recording row q·kᵀ·scaling (the model's own
+scaling, so GPT-Neo's unscaled scores are recorded as the model uses them). GPT-Neo does not use
+the interface in transformers 5, so its `_attn` method is wrapped instead (arch.attn_kernel).
+Under forward-mode AD (LinGD, `torch.func.jvp`) SDPA has no derivative on CPU, so `plan.math`
+switches to an explicit softmax(q·kᵀ·s + mask)·v, which the tests check equals SDPA.
+
+Positions are described per batch, in the coordinates of the current forward's token chunk:
+`own_start` is where the example's own tokens begin (after BOS or the demonstrations), `own_len`
+how many there are (up to and including the recording position), `pred_pos` where the label
+is predicted. Keys from a cached prefix come before the chunk, so in key coordinates the chunk
+starts at `key_len - chunk_len`; this stays right for sliding-window caches that drop old keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from iclgd import arch
+from iclgd.errors import IclgdError
+
+ATTN_IMPL = "iclgd"
+_STATE_ATTR = "_iclgd_capture"
+
+
+@dataclass
+class Plan:
+    """Where to record, for one batch (all tensors [batch], int64, chunk coordinates)."""
+
+    own_start: torch.Tensor
+    own_len: torch.Tensor
+    pred_pos: torch.Tensor
+    math: bool = False  # explicit attention math (needed under forward-mode AD)
+    full_rows: bool = False  # also keep the whole masked score row over every key (tests)
+
+    @property
+    def record_pos(self) -> torch.Tensor:  # [batch]
+        return self.own_start + self.own_len - 1
+
+
+@dataclass
+class Captured:
+    """What one forward pass recorded. Lists are indexed by layer."""
+
+    attn_out: list[torch.Tensor | None]  # each [batch, d_model]
+    attn_logits: list[torch.Tensor | None]  # each [batch, head, q_pos] NaN-padded past own_len
+    full_rows: list[torch.Tensor | None]  # each [batch, head, k_pos] with -inf where masked
+    logits: torch.Tensor | None = None  # [batch, vocab] at pred_pos
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """attn_out [batch, layer, d_model], attn_logits [batch, layer, head, q_pos], logits."""
+        missing = [i for i, t in enumerate(self.attn_out) if t is None]
+        missing += [i for i, t in enumerate(self.attn_logits) if t is None]
+        if missing or self.logits is None:
+            raise IclgdError(
+                f"capture recorded nothing for layers {sorted(set(missing))} or the final logits; "
+                "the model's attention did not run through iclgd's hook points"
+            )
+        return {
+            "attn_out": torch.stack(self.attn_out, dim=1),
+            "attn_logits": torch.stack(self.attn_logits, dim=1),
+            "logits": self.logits,
+        }
+
+
+@dataclass
+class _LayerState:
+    layer: int
+    session: _Session
+
+
+@dataclass
+class _Session:
+    plan: Plan
+    n_layers: int
+    captured: Captured = field(init=False)
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        n = self.n_layers
+        self.captured = Captured([None] * n, [None] * n, [None] * n)
+
+
+def _expand_kv(key: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, kv_head, k_pos, d_head] -> [batch, head, k_pos, d_head] (grouped-query heads)."""
+    groups = n_heads // key.shape[1]
+    return key if groups == 1 else key.repeat_interleave(groups, dim=1)
+
+
+def _mask_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply the model's mask to scores [batch, head, q, k_pos].
+
+    `attention_mask` is what transformers passes to the attention function: None (plain causal,
+    the q rows being the last q keys), a boolean [batch, 1, q, k_pos] (True = attend), or an
+    additive float mask of that shape.
+    """
+    q, k = scores.shape[-2:]
+    if attention_mask is None:
+        rows = torch.arange(q, device=scores.device)[:, None] + (k - q)  # [q, 1]
+        allowed = torch.arange(k, device=scores.device)[None, :] <= rows  # [q, k_pos]
+        return scores.masked_fill(~allowed, float("-inf"))
+    m = attention_mask[..., -k:]
+    if m.dtype == torch.bool:
+        return scores.masked_fill(~m, float("-inf"))
+    return scores + m
+
+
+def _record_scores(
+    state: _LayerState,
+    query: torch.Tensor,  # [batch, head, q_chunk, d_head]
+    key: torch.Tensor,  # [batch, kv_head, k_pos, d_head]
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> None:
+    sess = state.session
+    plan = sess.plan
+    b, n_heads, chunk, _ = query.shape
+    k_len = key.shape[2]
+    batch = torch.arange(b, device=query.device)
+    rec = plan.record_pos.to(query.device)  # [batch], chunk coordinates
+    q_rec = query[batch, :, rec]  # [batch, head, d_head]
+    keys = _expand_kv(key, n_heads)  # [batch, head, k_pos, d_head]
+    scores = torch.einsum("bhd,bhkd->bhk", q_rec, keys) * scaling  # [batch, head, k_pos]
+    if sess.softcap is not None:
+        scores = torch.tanh(scores / sess.softcap) * sess.softcap
+    # Own tokens in key coordinates: the chunk starts at k_len - chunk.
+    start = plan.own_start.to(query.device) + (k_len - chunk)  # [batch]
+    q_max = int(plan.own_len.max())
+    idx = start[:, None] + torch.arange(q_max, device=query.device)[None, :]  # [batch, q_pos]
+    valid = torch.arange(q_max, device=query.device)[None, :] < plan.own_len.to(query.device)[:, None]
+    own = scores.gather(2, idx.clamp(max=k_len - 1)[:, None, :].expand(b, n_heads, q_max))
+    own = torch.where(valid[:, None, :], own, torch.full_like(own, float("nan")))
+    sess.captured.attn_logits[state.layer] = own  # [batch, head, q_pos]
+    if plan.full_rows:
+        if attention_mask is None:  # causal: the recording row sees keys up to itself
+            allowed = torch.arange(k_len, device=query.device)[None, :] <= (rec + k_len - chunk)[:, None]
+            row = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+        else:
+            m = attention_mask[batch, :, rec, -k_len:]  # [batch, 1, k_pos]
+            row = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+        sess.captured.full_rows[state.layer] = row  # [batch, head, k_pos]
+
+
+def math_attention(
+    query: torch.Tensor,  # [batch, head, q, d_head]
+    key: torch.Tensor,  # [batch, kv_head, k_pos, d_head]
+    value: torch.Tensor,  # [batch, kv_head, k_pos, d_head]
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling + mask)·v, differentiable in both AD modes. Returns [batch, q, head, d_head]."""
+    n_heads = query.shape[1]
+    scores = query @ _expand_kv(key, n_heads).transpose(-1, -2) * scaling  # [batch, head, q, k_pos]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = _mask_scores(scores, attention_mask)
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ _expand_kv(value, n_heads)  # [batch, head, q, d_head]
+    return out.transpose(1, 2).contiguous()
+
+
+def iclgd_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The "iclgd" attention implementation: SDPA's result, plus recording when a capture is on."""
+    state: _LayerState | None = getattr(module, _STATE_ATTR, None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    if state is not None:
+        _record_scores(state, query, key, attention_mask, scaling)
+    if softcap is not None or (state is not None and state.session.plan.math):
+        out = math_attention(query, key, value, attention_mask, scaling, softcap)
+        return out, None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+AttentionInterface.register(ATTN_IMPL, iclgd_attention)
+# Without a registered mask function transformers passes mask=None to a custom attention
+# implementation, dropping padding and sliding windows; ours takes exactly SDPA's masks.
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
+
+
+def use_iclgd_attention(model) -> None:
+    """Route the model's attention through `iclgd_attention` (a no-op for GPT-Neo's own kernel)."""
+    if arch.arch_spec(model).attn_kernel == "interface":
+        if model.config._attn_implementation != ATTN_IMPL:
+            model.set_attn_implementation(ATTN_IMPL)
+
+
+def _gpt_neo_kernel_owner(module):
+    """GPT-Neo keeps `_attn` on the inner self-attention module."""
+    for m in (module, getattr(module, "attention", None)):
+        if m is not None and hasattr(m, "_attn"):
+            return m
+    raise IclgdError("GPT-Neo attention module has no `_attn` method to capture from")
+
+
+@contextlib.contextmanager
+def capture(model, plan: Plan) -> Iterator[Captured]:
+    """Record attention internals and prediction logits of every forward pass inside the block.
+
+    Yields a `Captured` whose lists fill in as the model runs. The final logits are computed
+    from the final norm's output at `plan.pred_pos` with the model's (current) unembedding, so
+    nothing else of the vocabulary projection is needed (call the model with logits_to_keep=1).
+    """
+    spec = arch.arch_spec(model)
+    attn_modules = arch.attention_modules(model)
+    unembed = arch.unembed(model)
+    softcap_final = getattr(model.config, "final_logit_softcapping", None)
+    session = _Session(plan, len(attn_modules))
+    session.softcap = getattr(model.config, "attn_logit_softcapping", None)
+    handles = []
+    patched = []
+    if spec.attn_kernel == "interface":
+        if model.config._attn_implementation != ATTN_IMPL:
+            raise IclgdError("call iclgd.capture.use_iclgd_attention(model) before capturing")
+    try:
+        for layer, module in enumerate(attn_modules):
+            state = _LayerState(layer, session)
+            if spec.attn_kernel == "interface":
+                setattr(module, _STATE_ATTR, state)
+            else:
+                owner = _gpt_neo_kernel_owner(module)
+                patched.append(owner)
+                owner._attn = _gpt_neo_attn(owner, state)
+
+            def out_hook(_mod, _args, output, layer=layer):
+                h = output[0] if isinstance(output, tuple) else output  # [batch, pos, d_model]
+                batch = torch.arange(h.shape[0], device=h.device)
+                session.captured.attn_out[layer] = h[batch, plan.record_pos.to(h.device)]
+
+            handles.append(module.register_forward_hook(out_hook))
+
+        def norm_hook(_mod, _args, output):
+            h = output[0] if isinstance(output, tuple) else output  # [batch, pos, d_model]
+            batch = torch.arange(h.shape[0], device=h.device)
+            logits = unembed(h[batch, plan.pred_pos.to(h.device)])  # [batch, vocab]
+            if softcap_final is not None:
+                logits = torch.tanh(logits / softcap_final) * softcap_final
+            session.captured.logits = logits
+
+        handles.append(arch.final_norm(model).register_forward_hook(norm_hook))
+        yield session.captured
+    finally:
+        for h in handles:
+            h.remove()
+        for module in attn_modules:
+            if hasattr(module, _STATE_ATTR):
+                delattr(module, _STATE_ATTR)
+        for owner in patched:
+            if "_attn" in vars(owner):
+                del owner._attn
+
+
+def _gpt_neo_attn(owner, state: _LayerState):
+    """Wrap GPT-Neo's bound `_attn(query, key, value, attention_mask)`; its scores are unscaled."""
+    original = type(owner)._attn
+
+    def _attn(query, key, value, attention_mask=None):
+        _record_scores(state, query, key, _gpt_neo_mask(owner, query, key, attention_mask), 1.0)
+        return original(owner, query, key, value, attention_mask)
+
+    return _attn
+
+
+def _gpt_neo_mask(owner, query, key, attention_mask):
+    """GPT-Neo's effective boolean mask [batch, 1, q, k_pos]: its causal/local buffer and padding."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    causal = owner.bias[:, :, k_len - q_len : k_len, :k_len].bool()  # [1, 1, q, k_pos]
+    if attention_mask is None:
+        return causal
+    if attention_mask.dtype == torch.bool:
+        return causal & attention_mask[..., :k_len]
+    return causal & (attention_mask[..., :k_len] == 0)
+
+
+def has_capture_leftovers(model) -> bool:
+    """True if any iclgd hook state is still attached (tests assert this is False)."""
+    for module in model.modules():
+        if hasattr(module, _STATE_ATTR) or "_attn" in vars(module):
+            return True
+        if module._forward_hooks or module._forward_pre_hooks:
+            return True
+    return False

@@ -1,0 +1,205 @@
+"""Evaluate query prompts and record what SPEC §2-3 asks for, one `Record` per setting.
+
+Every setting is evaluated by this one function, so ZSL, ICL and every process compare like
+with like: ZSL is `evaluate(prefix=BOS)`, ICL is `evaluate(prefix=BOS+demonstrations)`, a
+process is `evaluate(prefix=BOS, params=its trained parameters)` and LinGD is the same with
+`linearize=(theta0, delta)`.
+
+ICL's demonstrations are identical for every eval example, so they are encoded once and their
+key/value cache is reused for every batch of queries (`cache_prefix=True`); tests check that
+this equals full re-encoding. Queries are right-padded, so real tokens never see padding and
+positions stay contiguous in every architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp
+from tqdm.auto import tqdm
+
+from iclgd.capture import Plan, capture, use_iclgd_attention
+from iclgd.errors import IclgdError
+
+RECORD_AT = ("last", "label")
+
+
+@dataclass
+class Record:
+    """One setting's per-example arrays (the run folder's records/SETTING.npz)."""
+
+    label_logprobs: torch.Tensor  # [batch, label]
+    pred: torch.Tensor  # [batch] int64
+    gold: torch.Tensor  # [batch] int64
+    attn_out: torch.Tensor  # [batch, layer, d_model]
+    attn_logits: torch.Tensor  # [batch, layer, head, q_pos], NaN past q_len
+    q_len: torch.Tensor  # [batch] int64
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # grad_norms [layer, step], ...
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.pred == self.gold).float().mean())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {k: getattr(self, k) for k in ("label_logprobs", "pred", "gold", "attn_out", "attn_logits", "q_len")}
+        out.update(self.extras)
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **self.arrays())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Record:
+        with np.load(path) as z:
+            arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+        core = {k: arrays.pop(k) for k in ("label_logprobs", "pred", "gold", "attn_out", "attn_logits", "q_len")}
+        return cls(**core, extras=arrays)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    batch_size: int = 16
+    record_at: str = "last"  # "last": the query's last token; "label": an appended label token (reference code)
+    cache_prefix: bool = True  # encode demonstrations once and reuse their key/value cache
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.record_at not in RECORD_AT:
+            raise IclgdError(f"record_at must be one of {RECORD_AT}, got {self.record_at!r}")
+        if self.batch_size < 1:
+            raise IclgdError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> input_ids [batch, pos], attention_mask [batch, pos]."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def run_captured(model, params, input_ids, attention_mask, plan: Plan, past=None) -> dict[str, torch.Tensor]:
+    """One forward pass under capture; a pure function of `params` (so jvp can linearize it).
+
+    Returns attn_out [batch, layer, d_model], attn_logits [batch, layer, head, q_pos],
+    logits [batch, vocab] at plan.pred_pos.
+    """
+    kwargs = dict(attention_mask=attention_mask, logits_to_keep=1)
+    if past is not None:
+        kwargs.update(past_key_values=past, use_cache=True)
+    else:
+        kwargs.update(use_cache=False)
+    with capture(model, plan) as cap:
+        if params:
+            functional_call(model, params, (input_ids,), kwargs, strict=False)
+        else:
+            model(input_ids, **kwargs)
+    return cap.stacked()
+
+
+def encode_prefix(model, prefix: Sequence[int], params=None):
+    """Run the demonstration prefix once and return its key/value cache."""
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=model.device)
+    kwargs = dict(use_cache=True, logits_to_keep=1)
+    with torch.no_grad():
+        out = functional_call(model, params, (ids,), kwargs, strict=False) if params else model(ids, **kwargs)
+    return out.past_key_values
+
+
+def evaluate(
+    model,
+    queries: Sequence[Sequence[int]],
+    gold: Sequence[int],
+    label_ids: Sequence[int],
+    *,
+    prefix: Sequence[int] = (),
+    params: dict[str, torch.Tensor] | None = None,
+    linearize: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    options: EvalOptions = EvalOptions(),
+    pad_id: int = 0,
+    desc: str = "eval",
+) -> Record:
+    """Evaluate each query after `prefix` and record SPEC §3's internals at its recording position.
+
+    `params` overrides named parameters (a trained process) without touching the model.
+    `linearize=(theta0, delta)` evaluates the first-order Taylor model around theta0 in the
+    direction delta: every recorded quantity (vocabulary logits, attention outputs, attention
+    logits) is primal + tangent of one `torch.func.jvp`.
+    """
+    if len(queries) == 0:
+        raise IclgdError("no eval examples to evaluate (empty eval set)")
+    if len(queries) != len(gold):
+        raise IclgdError(f"{len(queries)} queries but {len(gold)} gold labels")
+    use_iclgd_attention(model)
+    label_ids_t = torch.tensor(list(label_ids), dtype=torch.long)
+    appended = [label_ids[0]] if options.record_at == "label" else []
+    seqs = [list(q) + appended for q in queries]
+    # Only a real demonstration prefix is cached; BOS alone is re-encoded with each query, so
+    # ZSL and ICL with k = 0 run exactly the same computation.
+    cached = options.cache_prefix and linearize is None and len(prefix) > 1
+    past = encode_prefix(model, prefix, params) if cached else None
+    head = [] if cached else list(prefix)
+
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
+    results: list[dict[str, torch.Tensor]] = [None] * len(seqs)  # type: ignore[list-item]
+    batches = [order[i : i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not options.progress, leave=False)
+    for idx in bar:
+        chunk = [head + seqs[i] for i in idx]
+        input_ids, mask = pad_right(chunk, pad_id)
+        own_len = torch.tensor([len(seqs[i]) for i in idx])
+        plan = Plan(
+            own_start=torch.full((len(idx),), len(head)),
+            own_len=own_len,
+            pred_pos=len(head) + torch.tensor([len(queries[i]) for i in idx]) - 1,
+            math=linearize is not None,
+        )
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+        if past is not None:
+            batch_past = copy.deepcopy(past)
+            batch_past.batch_repeat_interleave(len(idx))
+            mask = torch.cat([torch.ones(len(idx), len(prefix), dtype=mask.dtype, device=mask.device), mask], 1)
+        else:
+            batch_past = None
+        if linearize is None:
+            with torch.no_grad():
+                out = run_captured(model, params, input_ids, mask, plan, batch_past)
+        else:
+            theta0, delta = linearize
+
+            def f(p):
+                return run_captured(model, p, input_ids, mask, plan)
+
+            primal, tangent = jvp(f, (theta0,), (delta,))
+            out = {k: (primal[k] + tangent[k]).detach() for k in primal}
+        for j, i in enumerate(idx):
+            results[i] = {k: v[j].float().cpu() for k, v in out.items()}
+    return _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
+
+
+def _assemble(results, gold, label_ids: torch.Tensor, own_lens: list[int]) -> Record:
+    logits = torch.stack([r["logits"] for r in results])  # [batch, vocab]
+    if not torch.isfinite(logits).all():
+        bad = torch.nonzero(~torch.isfinite(logits).all(-1)).flatten().tolist()
+        raise IclgdError(f"non-finite logits for eval examples at positions {bad[:10]}")
+    label_logprobs = torch.log_softmax(logits, dim=-1)[:, label_ids]  # [batch, label]
+    q_max = max(own_lens)
+    attn_logits = torch.stack(
+        [torch.nn.functional.pad(r["attn_logits"], (0, q_max - r["attn_logits"].shape[-1]), value=float("nan")) for r in results]
+    )  # [batch, layer, head, q_pos]
+    return Record(
+        label_logprobs=label_logprobs,
+        pred=label_logprobs.argmax(-1),
+        gold=torch.tensor(list(gold), dtype=torch.long),
+        attn_out=torch.stack([r["attn_out"] for r in results]),
+        attn_logits=attn_logits,
+        q_len=torch.tensor(own_lens, dtype=torch.long),
+    )
