@@ -139,22 +139,26 @@ def _record_scores(
     scores = torch.einsum("bhd,bhkd->bhk", q_rec, keys) * scaling  # [batch, head, k_pos]
     if sess.softcap is not None:
         scores = torch.tanh(scores / sess.softcap) * sess.softcap
-    # Own tokens in key coordinates: the chunk starts at k_len - chunk.
+    if attention_mask is None:  # causal: the recording row sees keys up to itself
+        allowed = torch.arange(k_len, device=query.device)[None, :] <= (rec + k_len - chunk)[:, None]
+        row = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    else:
+        m = attention_mask[batch, :, rec, -k_len:]  # [batch, 1, k_pos]
+        row = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    if plan.full_rows:
+        sess.captured.full_rows[state.layer] = row  # [batch, head, k_pos]
+    # Own tokens in key coordinates: the chunk starts at k_len - chunk. Keys the model masks
+    # (outside a sliding window) are recorded as NaN: they take no part in its attention, and
+    # they sit at the same relative positions in every setting.
     start = plan.own_start.to(query.device) + (k_len - chunk)  # [batch]
     q_max = int(plan.own_len.max())
-    idx = start[:, None] + torch.arange(q_max, device=query.device)[None, :]  # [batch, q_pos]
-    valid = torch.arange(q_max, device=query.device)[None, :] < plan.own_len.to(query.device)[:, None]
-    own = scores.gather(2, idx.clamp(max=k_len - 1)[:, None, :].expand(b, n_heads, q_max))
-    own = torch.where(valid[:, None, :], own, torch.full_like(own, float("nan")))
+    steps = torch.arange(q_max, device=query.device)
+    idx = (start[:, None] + steps[None, :]).clamp(max=k_len - 1)  # [batch, q_pos]
+    valid = steps[None, :] < plan.own_len.to(query.device)[:, None]  # [batch, q_pos]
+    own = scores.gather(2, idx[:, None, :].expand(b, n_heads, q_max))  # [batch, head, q_pos]
+    seen = row.gather(2, idx[:, None, :].expand(b, n_heads, q_max)) > float("-inf")
+    own = torch.where(valid[:, None, :] & seen, own, torch.full_like(own, float("nan")))
     sess.captured.attn_logits[state.layer] = own  # [batch, head, q_pos]
-    if plan.full_rows:
-        if attention_mask is None:  # causal: the recording row sees keys up to itself
-            allowed = torch.arange(k_len, device=query.device)[None, :] <= (rec + k_len - chunk)[:, None]
-            row = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-        else:
-            m = attention_mask[batch, :, rec, -k_len:]  # [batch, 1, k_pos]
-            row = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
-        sess.captured.full_rows[state.layer] = row  # [batch, head, k_pos]
 
 
 def math_attention(
