@@ -37,6 +37,7 @@ from iclgd.errors import IclgdError
 
 ATTN_IMPL = "iclgd"
 _STATE_ATTR = "_iclgd_capture"
+_MATH_ATTR = "_iclgd_math"
 
 
 @dataclass
@@ -188,7 +189,8 @@ def iclgd_attention(module, query, key, value, attention_mask, scaling=None, dro
     softcap = kwargs.get("softcap")
     if state is not None:
         _record_scores(state, query, key, attention_mask, scaling)
-    if softcap is not None or (state is not None and state.session.plan.math):
+    math = getattr(module, _MATH_ATTR, False) or (state is not None and state.session.plan.math)
+    if softcap is not None or math:
         out = math_attention(query, key, value, attention_mask, scaling, softcap)
         return out, None
     return sdpa_attention_forward(
@@ -207,6 +209,21 @@ def use_iclgd_attention(model) -> None:
     if arch.arch_spec(model).attn_kernel == "interface":
         if model.config._attn_implementation != ATTN_IMPL:
             model.set_attn_implementation(ATTN_IMPL)
+
+
+@contextlib.contextmanager
+def math_mode(model) -> Iterator[None]:
+    """Use the explicit attention math (forward-mode AD capable) for every layer inside the block."""
+    use_iclgd_attention(model)
+    modules = arch.attention_modules(model)
+    try:
+        for m in modules:
+            setattr(m, _MATH_ATTR, True)
+        yield
+    finally:
+        for m in modules:
+            if hasattr(m, _MATH_ATTR):
+                delattr(m, _MATH_ATTR)
 
 
 def _gpt_neo_kernel_owner(module):
@@ -299,7 +316,7 @@ def _gpt_neo_mask(owner, query, key, attention_mask):
 def has_capture_leftovers(model) -> bool:
     """True if any iclgd hook state is still attached (tests assert this is False)."""
     for module in model.modules():
-        if hasattr(module, _STATE_ATTR) or "_attn" in vars(module):
+        if hasattr(module, _STATE_ATTR) or hasattr(module, _MATH_ATTR) or "_attn" in vars(module):
             return True
         if module._forward_hooks or module._forward_pre_hooks:
             return True

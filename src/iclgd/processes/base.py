@@ -1,0 +1,181 @@
+"""The shared machinery of every optimization process (SPEC §1): SGD over the demonstrations,
+clipping, per-layer gradient norms and non-finite checks.
+
+A process is a subclass of `Process` registered in `PROCESSES`; it says how to compute the loss
+gradients for a batch of demonstration sequences (`grads`) and, if it must, how to evaluate its
+result (`evaluate`). Training never touches the model: parameters live in a dict of tensors
+(θ0 + Δ for the trained names only) passed through `torch.func.functional_call`, so ZSL, ICL and
+every process start from the same θ0 and nothing leaks from one process into the next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from iclgd import arch
+from iclgd.errors import IclgdError, NonFiniteError
+from iclgd.evaluate import EvalOptions, Record, evaluate
+from iclgd.registry import Registry
+
+CLIP_MODES = ("global_l2", "layer_l2", "value", "match_gd")
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """How one process trains. `options` holds process-specific settings (e.g. LCGD's exit)."""
+
+    name: str
+    lr: float
+    params: str = "kv"  # trained parameter group: kv, qkvo, attn, all (arch.trainable_params)
+    full_batch: bool = False  # one step on all k demonstrations instead of k steps of one
+    clip: str | None = None  # one of CLIP_MODES
+    clip_value: float | None = None  # the bound for global_l2, layer_l2 and value
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
+            raise IclgdError(f"learning rate must be a finite number >= 0, got {self.lr!r}")
+        if self.clip is not None:
+            if self.clip not in CLIP_MODES:
+                from iclgd.registry import unknown_name
+
+                raise unknown_name("clip mode", self.clip, list(CLIP_MODES))
+            if self.clip != "match_gd" and (self.clip_value is None or self.clip_value <= 0):
+                raise IclgdError(f"clip mode {self.clip!r} needs a positive clip value (e.g. clip={self.clip}:1.0)")
+
+    def with_(self, **kw) -> ProcessConfig:
+        return replace(self, **kw)
+
+
+@dataclass
+class TrainContext:
+    """What a process trains on: the model, its trained parameters and the demonstrations."""
+
+    model: torch.nn.Module
+    sequences: Sequence[Sequence[int]]  # token ids of each formatted demonstration, in order
+    config: ProcessConfig
+    reference_norms: torch.Tensor | None = None  # [layer, step] GD's gradient norms (match_gd)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.train_params = arch.trainable_params(self.model, self.config.params)
+        named = dict(self.model.named_parameters())
+        self.theta0 = {tp.name: named[tp.name].detach() for tp in self.train_params}
+        self.masks = {tp.name: tp.mask for tp in self.train_params if tp.mask is not None}
+        self.layer_of = {tp.name: tp.layer for tp in self.train_params}
+        self.n_layers = len(arch.decoder_layers(self.model))
+
+
+@dataclass
+class TrainResult:
+    delta: dict[str, torch.Tensor]  # θ − θ0 for each trained parameter
+    grad_norms: torch.Tensor  # [layer, step] ℓ2 norm of each layer's gradient (before clipping)
+    losses: torch.Tensor  # [step]
+
+    def params(self, theta0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: theta0[n] + d for n, d in self.delta.items()}
+
+
+PROCESSES: Registry[type[Process]] = Registry("process")
+
+
+def register_process(name: str):
+    """Class decorator: `@register_process("gd")` makes the class available by name."""
+
+    def deco(cls):
+        cls.name = name
+        PROCESSES.add(name, cls)
+        return cls
+
+    return deco
+
+
+def token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy summed over predicted tokens / their count. logits [pos, vocab], ids [pos]."""
+    return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="mean")
+
+
+class Process:
+    """Base class: SGD with momentum 0, one step per demonstration in demonstration order."""
+
+    name = "process"
+
+    def grads(self, ctx: TrainContext, params: dict[str, torch.Tensor], batch: list[torch.Tensor]):
+        """Return (loss, {name: gradient}) for one batch of demonstration sequences (each [pos])."""
+        raise NotImplementedError
+
+    def train(self, ctx: TrainContext) -> TrainResult:
+        cfg = ctx.config
+        seqs = [torch.tensor(list(s), dtype=torch.long, device=ctx.model.device) for s in ctx.sequences]
+        if not seqs:
+            raise IclgdError(f"{self.name}: no demonstrations to train on (k = 0)")
+        batches = [seqs] if cfg.full_batch else [[s] for s in seqs]
+        delta = {n: torch.zeros_like(p) for n, p in ctx.theta0.items()}
+        norms = torch.zeros(ctx.n_layers, len(batches))
+        losses = torch.zeros(len(batches))
+        bar = tqdm(batches, desc=f"train {self.name}", unit="step", disable=not ctx.progress, leave=False)
+        for step, batch in enumerate(bar):
+            params = {n: (ctx.theta0[n] + delta[n]).requires_grad_(True) for n in delta}
+            loss, grads = self.grads(ctx, params, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"{self.name}: non-finite loss ({loss.item()}) at step {step} with lr {cfg.lr}; "
+                    "lower the learning rate or check the demonstrations"
+                )
+            grads = {n: g * ctx.masks[n] if n in ctx.masks else g for n, g in grads.items()}
+            norms[:, step] = layer_norms(grads, ctx.layer_of, ctx.n_layers)
+            bad = [ctx.layer_of[n] for n, g in grads.items() if not torch.isfinite(g).all()]
+            if bad:
+                raise NonFiniteError(
+                    f"{self.name}: non-finite gradient at step {step}, layer(s) {sorted(set(bad))}, "
+                    f"with lr {cfg.lr}; lower the learning rate or enable clipping"
+                )
+            grads = clip(grads, cfg, ctx, step)
+            for n, g in grads.items():
+                delta[n] = delta[n] - cfg.lr * g.detach()
+            losses[step] = loss.detach()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return TrainResult(delta, norms, losses)
+
+    def evaluate(self, ctx: TrainContext, result: TrainResult, queries, gold, label_ids, *,
+                 prefix=(), options: EvalOptions = EvalOptions(), pad_id: int = 0) -> Record:
+        """Run the query prompts alone with the trained parameters (SPEC §1)."""
+        rec = evaluate(ctx.model, queries, gold, label_ids, prefix=prefix, params=result.params(ctx.theta0),
+                       options=options, pad_id=pad_id, desc=f"eval {self.name}")
+        rec.extras.update(grad_norms=result.grad_norms, losses=result.losses)
+        return rec
+
+
+def layer_norms(grads: dict[str, torch.Tensor], layer_of: dict[str, int], n_layers: int) -> torch.Tensor:
+    """ℓ2 norm of each layer's gradient [layer] (parameters outside blocks are left out)."""
+    sq = torch.zeros(n_layers)
+    for n, g in grads.items():
+        if layer_of[n] >= 0:
+            sq[layer_of[n]] += g.detach().float().pow(2).sum().cpu()
+    return sq.sqrt()
+
+
+def clip(grads: dict[str, torch.Tensor], cfg: ProcessConfig, ctx: TrainContext, step: int):
+    """Apply the configured clipping; returns new gradients (inputs are not modified)."""
+    if cfg.clip is None:
+        return grads
+    if cfg.clip == "value":
+        return {n: g.clamp(-cfg.clip_value, cfg.clip_value) for n, g in grads.items()}
+    if cfg.clip == "global_l2":
+        total = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        scale = min(1.0, cfg.clip_value / (float(total) + 1e-12))
+        return {n: g * scale for n, g in grads.items()}
+    norms = layer_norms(grads, ctx.layer_of, ctx.n_layers)  # [layer]
+    if cfg.clip == "layer_l2":
+        bound = torch.full_like(norms, cfg.clip_value)
+    else:  # match_gd: each layer to GD's norm at the same layer and step
+        if ctx.reference_norms is None or ctx.reference_norms.shape[1] <= step:
+            raise IclgdError("clip=match_gd needs GD's gradient norms from the same cell; run 'gd' too")
+        bound = ctx.reference_norms[:, step]
+    scale = torch.clamp(bound / (norms + 1e-12), max=1.0)  # [layer]
+    return {n: g * scale[ctx.layer_of[n]].to(g) if ctx.layer_of[n] >= 0 else g for n, g in grads.items()}

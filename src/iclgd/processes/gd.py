@@ -1,0 +1,25 @@
+"""GD: vanilla finetuning of the trained parameters on the demonstrations (SPEC §1)."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from iclgd.processes.base import Process, TrainContext, register_process, token_loss
+
+
+def lm_logits(model, params, ids: torch.Tensor) -> torch.Tensor:
+    """The model's next-token logits [pos, vocab] for one sequence ids [pos] under `params`."""
+    out = functional_call(model, params, (ids[None],), {"use_cache": False}, strict=False)
+    return out.logits[0]
+
+
+@register_process("gd")
+class GD(Process):
+    """Loss: token cross-entropy of each demonstration (mean over its tokens; mean over a batch)."""
+
+    def grads(self, ctx: TrainContext, params, batch):
+        loss = sum(token_loss(lm_logits(ctx.model, params, ids), ids) for ids in batch) / len(batch)
+        names = list(params)
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        return loss.detach(), dict(zip(names, grads))

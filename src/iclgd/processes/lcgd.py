@@ -1,0 +1,101 @@
+"""LCGD: layer-causal GD (SPEC §1). Every layer's input is detached and every layer exits early
+through the frozen final norm and unembedding; the exits' losses are summed. So layer l's
+gradient depends on layers <= l only, as ICL's change to layer l does.
+
+Exit point (option `exit`): "block" (after the whole block, as the reference code did; default)
+or "attn" (after the attention sublayer: detached input + attention output, as the paper's
+formula says).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.func import functional_call
+
+from iclgd import arch
+from iclgd.errors import IclgdError
+from iclgd.processes.base import Process, TrainContext, register_process, token_loss
+
+EXITS = ("block", "attn")
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@contextlib.contextmanager
+def layer_causal(model, exit: str):
+    """Detach every block's input and collect each block's exit hidden state [batch, pos, d_model]."""
+    if exit not in EXITS:
+        raise IclgdError(f"unknown LCGD exit {exit!r}; choose one of {EXITS}")
+    exits: list[torch.Tensor | None] = [None] * len(arch.decoder_layers(model))
+    inputs: list[torch.Tensor | None] = [None] * len(exits)
+    handles = []
+
+    def detach_input(layer):
+        def hook(_mod, args, kwargs):
+            if args:
+                h = args[0].detach()
+                inputs[layer] = h
+                return (h, *args[1:]), kwargs
+            h = kwargs["hidden_states"].detach()
+            inputs[layer] = h
+            return args, {**kwargs, "hidden_states": h}
+
+        return hook
+
+    try:
+        norms = arch.post_attn_norms(model)
+        for layer, block in enumerate(arch.decoder_layers(model)):
+            handles.append(block.register_forward_pre_hook(detach_input(layer), with_kwargs=True))
+            if exit == "block":
+                handles.append(block.register_forward_hook(
+                    lambda _m, _a, out, layer=layer: exits.__setitem__(layer, _first(out))))
+            else:
+                attn = arch.attention_modules(model)[layer]
+
+                def attn_hook(_m, _a, out, layer=layer):
+                    a = _first(out)
+                    if norms[layer] is not None:  # Gemma's sandwich norm sits before the residual add
+                        a = norms[layer](a)
+                    exits[layer] = inputs[layer] + a
+
+                handles.append(attn.register_forward_hook(attn_hook))
+        yield exits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@register_process("lcgd")
+class LCGD(Process):
+    def grads(self, ctx: TrainContext, params, batch):
+        model = ctx.model
+        exit = ctx.config.options.get("exit", "block")
+        norm, head = arch.final_norm(model), arch.unembed(model)
+        frozen = _frozen_exit_params(model, params)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        loss = 0.0
+        for ids in batch:
+            with layer_causal(model, exit) as exits:
+                functional_call(model, params, (ids[None],), {"use_cache": False, "logits_to_keep": 1},
+                                strict=False)
+            for h in exits:
+                logits = functional_call(head, frozen["head"], (functional_call(norm, frozen["norm"], (h,)),))
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                loss = loss + token_loss(logits[0], ids)
+        loss = loss / len(batch)
+        names = list(params)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        return loss.detach(), {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+
+
+def _frozen_exit_params(model, params) -> dict[str, dict[str, torch.Tensor]]:
+    """θ0 of the final norm and unembedding, detached: the exits never train them (SPEC §1)."""
+    out = {}
+    for key, mod in (("norm", arch.final_norm(model)), ("head", arch.unembed(model))):
+        out[key] = {n: p.detach() for n, p in mod.named_parameters()}
+    return out

@@ -1,0 +1,46 @@
+"""LinGD: GD on the first-order Taylor model f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0) (SPEC §1).
+
+Both products with the Jacobian use standard AD, never a materialized J: the forward value
+J·Δ is one `torch.func.jvp` (forward mode, memory of one forward pass), and the gradient of the
+loss at f_lin is Jᵀ·g, one ordinary backward pass through f at θ0 with output gradient g. The
+query is then evaluated with every recorded quantity linearized the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp
+
+from iclgd.capture import math_mode
+from iclgd.evaluate import EvalOptions, Record, evaluate
+from iclgd.processes.base import Process, TrainContext, TrainResult, register_process, token_loss
+from iclgd.processes.gd import lm_logits
+
+
+@register_process("lingd")
+class LinGD(Process):
+    def grads(self, ctx: TrainContext, params, batch):
+        model, theta0 = ctx.model, ctx.theta0
+        delta = {n: (params[n] - theta0[n]).detach() for n in params}
+        names = list(theta0)
+        total = torch.zeros(())
+        grads = {n: torch.zeros_like(p) for n, p in theta0.items()}
+        for ids in batch:
+            with math_mode(model):  # SDPA has no forward-mode derivative on CPU
+                f0, jd = jvp(lambda p: lm_logits(model, p, ids), (theta0,), (delta,))
+            lin = (f0 + jd).detach().requires_grad_(True)  # [pos, vocab]
+            loss = token_loss(lin, ids) / len(batch)
+            (g_out,) = torch.autograd.grad(loss, lin)
+            leaves = {n: p.detach().requires_grad_(True) for n, p in theta0.items()}
+            surrogate = (lm_logits(model, leaves, ids) * g_out).sum()  # d/dθ at θ0 = Jᵀ g
+            for n, g in zip(names, torch.autograd.grad(surrogate, [leaves[n] for n in names])):
+                grads[n] += g
+            total = total + loss.detach()
+        return total, grads
+
+    def evaluate(self, ctx: TrainContext, result: TrainResult, queries, gold, label_ids, *,
+                 prefix=(), options: EvalOptions = EvalOptions(), pad_id: int = 0) -> Record:
+        rec = evaluate(ctx.model, queries, gold, label_ids, prefix=prefix, linearize=(ctx.theta0, result.delta),
+                       options=options, pad_id=pad_id, desc=f"eval {self.name}")
+        rec.extras.update(grad_norms=result.grad_norms, losses=result.losses)
+        return rec
