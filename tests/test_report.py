@@ -1,0 +1,215 @@
+"""Report from synthetic run folders: tables match an independent numpy recomputation."""
+
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from iclgd import report
+from iclgd.errors import DataError
+
+N, L, H, Q, D, C, STEPS = 6, 3, 2, 5, 8, 2, 4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(root, task, seed, settings=("zsl", "icl", "gd", "lcgd"), done=True):
+    """A run folder with random records (fixed generator), NaN-padded logits, grad norms."""
+    rng = np.random.default_rng(1000 * seed + sum(map(ord, task)))
+    path = root / f"{task}_s{seed}"
+    (path / "records").mkdir(parents=True)
+    q_len = rng.integers(1, Q + 1, size=N)  # shared by every setting of this run
+    gold = rng.integers(0, C, size=N)
+    config = {
+        "task": task,
+        "seed": seed,
+        "model": "tiny-gpt2",
+        "protocol": "default",
+        "k": 4,
+        "settings": list(settings),
+    }
+    results = {}
+    for s in settings:
+        logits = rng.standard_normal((N, L, H, Q)).astype(np.float32)  # [batch, layer, head, q]
+        for i, n in enumerate(q_len):
+            logits[i, :, :, n:] = np.nan
+        arrays = {
+            "label_logprobs": rng.standard_normal((N, C)).astype(np.float32),
+            "pred": rng.integers(0, C, size=N),
+            "gold": gold,
+            "q_len": q_len,
+            "attn_out": rng.standard_normal((N, L, D)).astype(np.float32),
+            "attn_logits": logits,
+        }
+        is_proc = s not in ("zsl", "icl")
+        if is_proc:
+            arrays["grad_norms"] = rng.uniform(0.01, 10, (L, STEPS)).astype(np.float32)
+            arrays["losses"] = rng.uniform(0, 3, STEPS).astype(np.float32)
+        np.savez(path / "records" / f"{report.safe_name(s)}.npz", **arrays)
+        results[s] = {
+            "accuracy": float(np.mean(arrays["pred"] == gold)),
+            "n": N,
+            "wall_s": 0.1,
+            "peak_mem_mb": 1.0,
+            "process": s if is_proc else None,
+            "options": {},
+        }
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "results.json").write_text(json.dumps(results))
+    if done:
+        (path / "DONE").write_text("")
+    return path
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    root = tmp_path / "runs"
+    for task in ("sst2", "subj"):
+        for seed in (2, 3):
+            _write_run(root, task, seed)
+    return root
+
+
+def _csv(out, name):
+    with (out / "tables" / f"{name}.csv").open() as f:
+        return {(r["task"], r["column"]): r for r in csv.DictReader(f)}
+
+
+def _npz(root, task, seed, setting):
+    with np.load(root / f"{task}_s{seed}" / "records" / f"{report.safe_name(setting)}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _np_simaou_norm(icl, zsl, p):
+    """Independent SimAOU_norm headline: unit vectors, cosine of updates, mean over all."""
+    x64 = [x.astype(np.float64) for x in (icl, zsl, p)]
+    u = [x / np.linalg.norm(x, axis=-1, keepdims=True) for x in x64]
+    a, b = u[0] - u[1], u[2] - u[1]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))  # [N, L]
+    return cos.mean(0).mean()
+
+
+def _np_simam_before(icl, zsl):
+    a, b = np.nan_to_num(icl.astype(np.float64)), np.nan_to_num(zsl.astype(np.float64))
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))  # [N,L,H]
+    return cos.mean(-1).mean()
+
+
+def test_safe_name():
+    assert report.safe_name("lcgd[clip=match_gd]") == "lcgd_clip_match_gd_"
+    assert report.safe_name("lin-gd.v2_x") == "lin-gd.v2_x"
+    assert report.safe_name("a:b c/d") == "a_b_c_d"
+
+
+def test_tables_match_numpy_recomputation(runs_root, tmp_path):
+    out = tmp_path / "report"
+    report.build_report(runs_root, out)
+    simaou, acc, simam = _csv(out, "simaou"), _csv(out, "accuracy"), _csv(out, "simam")
+    task_means = {}
+    for task in ("sst2", "subj"):
+        per_seed, accs, before = [], [], []
+        for seed in (2, 3):
+            r = {s: _npz(runs_root, task, seed, s) for s in ("zsl", "icl", "gd")}
+            per_seed.append(_np_simaou_norm(*(r[s]["attn_out"] for s in ("icl", "zsl", "gd"))))
+            accs.append(100 * np.mean(r["gd"]["pred"] == r["gd"]["gold"]))
+            before.append(_np_simam_before(r["icl"]["attn_logits"], r["zsl"]["attn_logits"]))
+        row = simaou[task, "gd (norm)"]
+        assert float(row["mean"]) == pytest.approx(np.mean(per_seed), abs=1e-9)
+        assert float(row["sd"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-9)
+        assert int(row["n"]) == 2
+        assert float(acc[task, "gd"]["mean"]) == pytest.approx(np.mean(accs), abs=1e-9)
+        assert float(simam[task, "before"]["mean"]) == pytest.approx(np.mean(before), abs=1e-9)
+        task_means[task] = np.mean(per_seed)
+    avg = simaou["average", "gd (norm)"]
+    assert float(avg["mean"]) == pytest.approx(np.mean(list(task_means.values())), abs=1e-9)
+    assert float(avg["sd"]) == pytest.approx(np.std(list(task_means.values()), ddof=1), abs=1e-9)
+
+
+def test_tables_rows_and_columns(runs_root, tmp_path):
+    out = tmp_path / "report"
+    report.build_report(runs_root, out)
+    for name in ("accuracy", "rec2ftp", "simaou", "simam", "simam_delta", "alpha"):
+        md = (out / "tables" / f"{name}.md").read_text()
+        for row in ("| sst2 |", "| subj |", "| average |"):
+            assert row in md, (name, row)
+        assert (out / "tables" / f"{name}.csv").exists()
+    simaou_md = (out / "tables" / "simaou.md").read_text()
+    for col in (
+        "gd (norm)",
+        "gd (raw)",
+        "lcgd (norm)",
+        "random gaussian (norm)",
+        "random uniform, ref. (norm)",
+    ):
+        assert col in simaou_md
+    summary = (out / "summary.md").read_text()
+    assert "tiny-gpt2" in summary and "default" in summary and "seeds 2, 3" in summary
+
+
+def test_figures_and_html(runs_root, tmp_path):
+    out = tmp_path / "report"
+    page = report.build_report(runs_root, out)
+    assert page == out / "report.html"
+    names = {"accuracy", "simaou_layers", "simam_delta_layers", "alpha", "grad_norms"}
+    for name in names:
+        png = out / "figures" / f"{name}.png"
+        data = png.read_bytes()
+        assert len(data) > 100 and data[:8] == PNG_MAGIC, name
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == len(names)
+    assert "<table>" in text
+    head = text[: text.index("<h2>Tables")]  # provenance comes before everything else
+    assert "tiny-gpt2" in head and "default" in head and "seeds 2, 3" in head
+
+
+def test_unfinished_folder_skipped(runs_root, tmp_path):
+    _write_run(runs_root, "cb", 3, done=False)
+    with pytest.warns(UserWarning, match="unfinished"):
+        runs = report.find_runs(runs_root)
+    assert {r.task for r in runs} == {"sst2", "subj"}
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report.build_report(runs_root, out)
+    assert "cb" not in (out / "tables" / "accuracy.md").read_text()
+
+
+def test_report_without_gd_and_lcgd(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root, "sst2", 2, settings=("zsl", "icl"))
+    _write_run(root, "mr", 5, settings=("zsl", "icl", "lingd", "lcgd[clip=match_gd]"))
+    out = tmp_path / "report"
+    page = report.build_report(root, out)
+    acc = (out / "tables" / "accuracy.md").read_text()
+    assert "| sst2 |" in acc and "| mr |" in acc and "lcgd[clip=match_gd]" in acc
+    assert "lingd (norm)" in (out / "tables" / "simaou.md").read_text()
+    assert not (out / "tables" / "alpha.md").exists()
+    assert not (out / "figures" / "simaou_layers.png").exists()
+    assert (out / "figures" / "accuracy.png").exists()
+    assert (out / "figures" / "grad_norms.png").exists()
+    assert "sd" not in _csv(out, "accuracy")["sst2", "zsl"]["sd"]  # single seed: NaN sd
+    assert "—" in acc
+    assert page.exists()
+
+
+def test_zsl_icl_only_single_run(tmp_path):
+    path = _write_run(tmp_path, "cb", 3, settings=("zsl", "icl"))
+    out = tmp_path / "report"
+    report.build_report([path], out)
+    assert not (out / "figures" / "grad_norms.png").exists()
+    assert (out / "tables" / "simam.md").exists()  # SimAM before needs only ZSL and ICL
+
+
+def test_load_run_and_find_runs_errors(tmp_path):
+    with pytest.raises(DataError, match="config.json"):
+        report.load_run(tmp_path)
+    with pytest.raises(DataError, match="no finished run"):
+        report.build_report(tmp_path, tmp_path / "out")
+    path = _write_run(tmp_path, "sst2", 2)
+    run = report.find_runs(path)[0]  # a run folder itself is a root
+    assert run.task == "sst2" and run.seed == 2 and run.is_process("gd")
+    assert not run.is_process("icl")
+    assert run.records("gd")["attn_logits"].shape == (N, L, H, Q)
+    with pytest.raises(DataError, match="no records"):
+        run.records("lingd")
