@@ -1,0 +1,52 @@
+"""Protocols: the choices that decide how a comparison is run (SPEC §5-6).
+
+`default` fixes the reference protocol's known flaws: ICL and the processes see the same
+demonstrations in the same order, fp32 with non-finite values reported as errors, learning
+rates chosen on a held-out slice of the train split (never the eval set), a centred seeded
+random baseline, both SimAOU forms reported. `dai2023` reproduces the reference choices,
+including its flaws, for comparison. Every run folder records its protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from iclgd.registry import Registry
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    separator: str = "\n"  # between demonstrations (see README: chosen by measurement)
+    record_at: str = "last"  # "last": the query's last token; "label": an appended label token
+    icl_truncation: str = "error"  # "error": never drop demonstrations; "drop": keep what fits (ICL only)
+    lr_source: str = "search"  # "search": held-out search per process; "reference": the task's reference lr
+    lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # multiples of the reference lr searched
+    lr_search_n: int = 64  # held-out train examples scored per candidate lr
+    random_baseline: str = "gaussian"  # "gaussian" (centred) or "uniform" (reference)
+    eval_seed: int = 1
+    eval_cap: int = 2000
+    seeds: str = "all"  # "all": the task's three seeds; "first": the reference single seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+PROTOCOLS.add("default", Protocol(name="default"))
+PROTOCOLS.add(
+    "dai2023",
+    Protocol(
+        name="dai2023",
+        separator="eos",
+        record_at="label",
+        icl_truncation="drop",
+        lr_source="reference",
+        random_baseline="uniform",
+        seeds="first",
+    ),
+)
+
+
+def get_protocol(name: str | Protocol) -> Protocol:
+    return name if isinstance(name, Protocol) else PROTOCOLS.get(name)
