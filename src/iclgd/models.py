@@ -9,6 +9,7 @@ processes switch on exactly the parameters they train (see `iclgd.arch.trainable
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -271,6 +272,9 @@ def load_model(
             raise IclgdError(f"GGUF file {str(path)!r} does not exist")
         folder, sha = _gguf_folder(path.resolve(), path.stem, cache_dir)
         source, (model, tokenizer) = str(path.resolve()), _from_folder(folder, torch_dtype)
+    elif "/" not in name and difflib.get_close_matches(name, MODEL_ALIASES.names(), cutoff=0.8):
+        # a misspelled alias: answer at once rather than after the Hub's network retries
+        raise _not_found(name, path, None)
     else:
         try:
             model, tokenizer = _from_folder(name, torch_dtype)
@@ -289,10 +293,11 @@ def load_model(
     return LoadedModel(model, tokenizer, name, identity, context_length(model, tokenizer))
 
 
-def _not_found(name: str, path: Path, err: BaseException) -> UnknownNameError:
+def _not_found(name: str, path: Path, err: BaseException | None) -> UnknownNameError:
     hint = str(unknown_name("model alias", name, MODEL_ALIASES.names()))
+    hub = _one_line(err) if err else "not tried: the name looks like a misspelled alias"
     return UnknownNameError(
         f"cannot load model {name!r}. Tried: the alias table ({hint}); a local folder "
         f"(no directory {str(path.resolve())!r}); a .gguf file (name does not end in .gguf); "
-        f"the Hugging Face Hub ({_one_line(err)})"
+        f"the Hugging Face Hub ({hub})"
     )

