@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as tf
-from tiny import D_MODEL, FAMILIES, N_HEADS, N_KV_HEADS, tiny_model
 from torch import nn
 
 from iclgd import arch
 from iclgd.errors import IclgdError, UnknownNameError
+
+from tiny import D_MODEL, FAMILIES, N_HEADS, N_KV_HEADS, tiny_model
 
 # per family, independently of arch.SPECS: the block-relative names of the k/v parameters
 KV_NAMES = {

@@ -8,6 +8,7 @@ from torch.func import jvp
 from iclgd import arch
 from iclgd.capture import Plan, capture, has_capture_leftovers, math_attention, use_iclgd_attention
 from iclgd.evaluate import EvalOptions, evaluate, pad_right, run_captured
+
 from tiny import FAMILIES, tiny_model
 
 SEQS = [[5, 9, 13, 7, 22, 31, 6, 44, 19, 3, 8, 27], [8, 3, 40], [17, 4, 4, 9, 50]]  # ragged; longer than the tiny Gemma window (8)

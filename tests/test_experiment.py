@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
 
 from iclgd import metrics
 from iclgd.cli import main
@@ -14,6 +13,8 @@ from iclgd.evaluate import Record
 from iclgd.experiment import RunConfig, parse_setting, process_config, run, split_settings
 from iclgd.protocols import Protocol
 from iclgd.runfolder import safe_name
+
+from conftest import SHARED_DATA
 from tiny import tiny_loaded
 
 FAST = dict(task="sst2", seed=2, k=4, eval_cap=6, data_dir=str(SHARED_DATA), progress=False, lr=0.05)

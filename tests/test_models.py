@@ -12,12 +12,13 @@ import time
 import huggingface_hub.constants
 import pytest
 import torch
-from tiny import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 from iclgd import models
 from iclgd.errors import IclgdError, UnknownNameError
 from iclgd.models import DONE_FILE, build_once, cache_root, converted_dir, load_model
+
+from tiny import tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 
 def _save_tiny(folder, family: str = "llama") -> torch.nn.Module:

@@ -9,6 +9,7 @@ from iclgd.evaluate import EvalOptions, evaluate
 from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
 from iclgd.processes.base import clip, layer_norms
 from iclgd.processes.lcgd import layer_causal
+
 from tiny import FAMILIES, tiny_model
 
 DEMOS = [[0, 5, 9, 13, 7, 11], [0, 8, 3, 40, 12], [0, 17, 4, 4, 9, 50, 11]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from tiny_tokenizer import tiny_tokenizer
 
 from iclgd.data import Example, Selection, switch_labels
 from iclgd.errors import PromptError
@@ -20,6 +19,8 @@ from iclgd.prompts import (
     uses_bos,
 )
 from iclgd.tasks import get_task, task_names
+
+from tiny_tokenizer import tiny_tokenizer
 
 SST2 = get_task("sst2")
 

@@ -123,9 +123,9 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0) -> tf.PreTrain
 
 def tiny_loaded(family: str, seed: int = 0):
     """`tiny_model(family)` wrapped as a `LoadedModel` with the tiny test tokenizer."""
-    from tiny_tokenizer import tiny_tokenizer  # lazy; conftest puts tests/ on sys.path
-
     from iclgd.models import LoadedModel, context_length, model_identity
+
+    from tiny_tokenizer import tiny_tokenizer  # lazy; conftest puts tests/ on sys.path
 
     tok = tiny_tokenizer()
     model = tiny_model(family, seed=seed).requires_grad_(False)  # vocab 512 >= len(tok)

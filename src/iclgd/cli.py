@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -42,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--record-at", default=None, choices=["last", "label"])
     r.add_argument("--label-switch", action="store_true", help="demonstrations carry deranged labels")
     r.add_argument("--lr", type=float, default=None, help="one learning rate for every process")
+    r.add_argument("--lr-source", default=None, choices=["search", "reference"],
+                   help="per-process lr: held-out search, or the task's reference lr (default: protocol's)")
     r.add_argument("--params", default="kv", help="trained parameter group: kv, qkvo, attn, all")
     r.add_argument("--no-cache-prefix", action="store_true", help="re-encode demonstrations per query")
     r.add_argument("--out", default=None, help="run folder (default runs/MODEL_TASK_sSEED)")
@@ -92,7 +93,8 @@ def _dispatch(args) -> int:
 
         cfg = RunConfig(model=args.model, task=args.task, seed=args.seed, k=args.k, settings=args.settings,
                         protocol=args.protocol, eval_cap=args.eval_cap, separator=_unescape(args.separator),
-                        record_at=args.record_at, label_switch=args.label_switch, lr=args.lr, params=args.params,
+                        record_at=args.record_at, label_switch=args.label_switch, lr=args.lr,
+                        lr_source=args.lr_source, params=args.params,
                         batch_size=args.batch_size, cache_prefix=not args.no_cache_prefix, data_dir=args.data_dir,
                         data_source=args.data_source, device=args.device, dtype=args.dtype,
                         progress=not args.quiet)

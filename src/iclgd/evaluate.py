@@ -175,7 +175,7 @@ def evaluate(
         else:
             theta0, delta = linearize
 
-            def f(p):
+            def f(p, input_ids=input_ids, mask=mask, plan=plan):
                 return run_captured(model, p, input_ids, mask, plan)
 
             primal, tangent = jvp(f, (theta0,), (delta,))

@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from iclgd import runfolder
 from iclgd.data import held_out, select_examples, switch_labels
 from iclgd.errors import IclgdError, PromptError
@@ -48,6 +46,7 @@ class RunConfig:
     record_at: str | None = None
     label_switch: bool = False
     lr: float | None = None  # one learning rate for every process (else per process: search/reference)
+    lr_source: str | None = None  # "search" or "reference"; None = the protocol's choice
     params: str = "kv"
     batch_size: int = 16
     cache_prefix: bool = True
@@ -264,7 +263,10 @@ def _learning_rate(cfg, protocol: Protocol, task: Task, setting, loaded, prompts
         return cfg.lr, {"lr_source": "run"}
     if task.lr is None:
         raise IclgdError(f"task {task.name!r} has no reference lr; pass --lr or add lr: to its YAML")
-    if protocol.lr_source == "reference" or not train_seqs:
+    source = cfg.lr_source or protocol.lr_source
+    if source not in ("search", "reference"):
+        raise unknown_name("lr source", source, ["search", "reference"])
+    if source == "reference" or not train_seqs:
         return task.lr, {"lr_source": "reference"}
     return search_lr(cfg, protocol, task, setting, loaded, prompts, train_seqs)
 

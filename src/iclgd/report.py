@@ -17,7 +17,6 @@ import csv
 import html
 import json
 import math
-import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field

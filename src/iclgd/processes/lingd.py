@@ -27,7 +27,7 @@ class LinGD(Process):
         grads = {n: torch.zeros_like(p) for n, p in theta0.items()}
         for ids in batch:
             with math_mode(model):  # SDPA has no forward-mode derivative on CPU
-                f0, jd = jvp(lambda p: lm_logits(model, p, ids), (theta0,), (delta,))
+                f0, jd = jvp(lambda p, ids=ids: lm_logits(model, p, ids), (theta0,), (delta,))
             lin = (f0 + jd).detach().requires_grad_(True)  # [pos, vocab]
             loss = token_loss(lin, ids) / len(batch)
             (g_out,) = torch.autograd.grad(loss, lin)
