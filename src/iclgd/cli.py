@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", default=None, help="comma list; default: each task's protocol seeds")
     rep.add_argument("--k", type=int, default=32)
     rep.add_argument("--settings", default="zsl,icl,gd,lcgd,lingd,lcgd[clip=match_gd]")
+    rep.add_argument("--lr-source", default=None, choices=["search", "reference"],
+                     help="per-process lr: held-out search, or the task's reference lr (default: protocol's)")
     rep.add_argument("--backend", default="local", choices=["local", "ray"])
     rep.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     rep.add_argument("--out", default="reports/reproduce")
