@@ -1,0 +1,134 @@
+"""The bench's FLOP counter against a hand count, its floor's monotonicity, and a tiny end-to-end bench."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers as tf
+
+from iclgd.bench import (
+    CellTokens,
+    ModelDims,
+    attn_flops,
+    backward_flops,
+    bench,
+    eval_timer,
+    forward_flops,
+    setting_flops,
+)
+from iclgd.experiment import RunConfig
+from iclgd.processes import PROCESSES
+
+from conftest import SHARED_DATA
+from tiny import tiny_loaded
+
+D, H, KV, DH, M, V = 48, 4, 2, 12, 80, 300
+REQUIRED = ("matmul_flops", "floor_s", "wall_s", "floor_ratio", "icl_cache_speedup", "peak_mem_mb",
+            "eval_flops_fraction")
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    cfg = tf.LlamaConfig(hidden_size=D, intermediate_size=M, num_hidden_layers=1, num_attention_heads=H,
+                         num_key_value_heads=KV, head_dim=DH, vocab_size=V, tie_word_embeddings=True)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_model_dims_match_a_hand_count(one_layer):
+    dims = ModelDims.of(one_layer)
+    q, k, v, o = D * H * DH, D * KV * DH, D * KV * DH, H * DH * D
+    mlp = 3 * D * M  # gate, up, down
+    assert dims.linear_params == q + k + v + o + mlp
+    assert dims.kv_params == k + v
+    assert (dims.n_layers, dims.d_model, dims.n_heads, dims.d_head, dims.vocab) == (1, D, H, DH, V)
+
+
+def test_forward_flops_match_a_hand_count(one_layer):
+    dims = ModelDims.of(one_layer)
+    params = D * H * DH * 2 + 2 * D * KV * DH + 3 * D * M
+    t, p = 5, 3
+    full = 2 * t * params + 2 * 2 * t * (p + t) * H * DH + 2 * D * V
+    assert forward_flops(dims, t, p, logits=1, causal=False) == full
+    # causal: token i of the chunk sees the p cached keys and i + 1 of its own
+    pairs = sum(p + i + 1 for i in range(t))
+    assert attn_flops(dims, t, p) == 4 * pairs * H * DH
+    assert forward_flops(dims, t, p, logits=t) == 2 * t * params + 4 * pairs * H * DH + 2 * t * D * V
+    # backward: 1x every weight's activation gradient, +1x the k/v weight gradients, 2x attention
+    kv = 2 * D * KV * DH
+    assert backward_flops(dims, t, logits=t) == 2 * t * (params + kv) + 2 * attn_flops(dims, t) + 2 * t * D * V
+
+
+def test_flops_agree_with_torchs_counter(one_layer):
+    """Forward: exactly torch's count of the model's matmuls (eager attention computes all t·t
+    pairs, so the non-causal count). Backward to k/v: torch skips gradients nothing needs, so
+    our count is an upper bound of its count and no more than the forward-based 2x rule."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tf.AutoModelForCausalLM.from_config(one_layer.config, attn_implementation="eager").eval()
+    dims, t = ModelDims.of(model), 7
+    ids = torch.randint(0, V, (1, t))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(ids, use_cache=False, logits_to_keep=1)
+    assert fc.get_total_flops() == forward_flops(dims, t, causal=False)
+
+    model.requires_grad_(False)
+    for proj in (model.model.layers[0].self_attn.k_proj, model.model.layers[0].self_attn.v_proj):
+        proj.weight.requires_grad_(True)
+    logits = model(ids, use_cache=False).logits
+    with FlopCounterMode(display=False) as fc:
+        logits.sum().backward()
+    ours = backward_flops(dims, t, logits=t, causal=False)
+    assert 0 < fc.get_total_flops() <= ours <= 2 * forward_flops(dims, t, logits=t, causal=False)
+
+
+def _tokens(n_eval: int, k: int) -> CellTokens:
+    queries = tuple(10 + i % 7 for i in range(n_eval))
+    trains = tuple(14 + i % 5 for i in range(k))
+    return CellTokens(query_lens=queries, bos=1, icl_prefix=1 + sum(t - 1 + 1 for t in trains), train_lens=trains)
+
+
+@pytest.mark.parametrize("name", ["zsl", "icl", "gd", "lcgd", "lingd"])
+def test_floor_is_monotonic_in_n_and_k(one_layer, name):
+    dims = ModelDims.of(one_layer)
+
+    def total(n, k):
+        f = setting_flops(dims, _tokens(n, k), name)
+        return f["train"] + f["eval"]
+
+    assert total(8, 4) < total(16, 4) < total(32, 4)
+    if name in ("zsl",):
+        assert total(8, 4) == total(8, 8)  # ZSL never sees the demonstrations
+    else:
+        assert total(8, 4) < total(8, 8) < total(8, 16)
+
+
+def test_lingd_floor_exceeds_gd_and_lcgd_pays_for_exits(one_layer):
+    dims = ModelDims.of(one_layer)
+    tok = _tokens(8, 4)
+    gd, lin, lc = (setting_flops(dims, tok, n) for n in ("gd", "lingd", "lcgd"))
+    assert lin["train"] > gd["train"] and lin["eval"] > gd["eval"]
+    assert lc["eval"] == gd["eval"]
+
+
+def test_eval_timer_restores_the_processes():
+    before = {n: PROCESSES.get(n).__dict__.get("evaluate") for n in PROCESSES.names()}
+    with eval_timer():
+        assert all(PROCESSES.get(n).__dict__.get("evaluate") is not before[n] for n in PROCESSES.names())
+    assert {n: PROCESSES.get(n).__dict__.get("evaluate") for n in PROCESSES.names()} == before
+
+
+def test_bench_end_to_end_on_a_tiny_model(tmp_path):
+    cfg = RunConfig(task="sst2", seed=2, k=2, eval_cap=4, data_dir=str(SHARED_DATA), progress=False,
+                    settings=("zsl", "icl", "gd", "lcgd", "lingd"))
+    result = bench(cfg, loaded=tiny_loaded("llama"), out=tmp_path, matmul_n=256, matmul_reps=2, cache_n=4)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.md").read_text().startswith("# iclgd bench")
+    for key in REQUIRED:
+        assert key in data
+    assert set(data["peak_mem_mb"]) == {"zsl", "icl", "gd", "lcgd", "lingd"}
+    numbers = [data[k] for k in REQUIRED if k != "peak_mem_mb"] + list(data["peak_mem_mb"].values())
+    assert all(math.isfinite(x) and x > 0 for x in numbers)
+    assert data["icl_cache"]["predictions_match"]
+    assert data["tokens"]["n_eval"] == 4 and data["tokens"]["k"] == 2
+    assert result["floor_s"] == pytest.approx(sum(s["floor_s"] for s in data["settings"].values()))
