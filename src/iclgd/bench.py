@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from iclgd import arch
-from iclgd.data import select_examples
+from iclgd.data import select_examples, switch_labels
+from iclgd.errors import IclgdError
 from iclgd.evaluate import EvalOptions, encode_prefix, evaluate
 from iclgd.experiment import PeakMemory, RunConfig, _rss_mb, parse_setting, run
 from iclgd.processes import PROCESSES
@@ -182,7 +183,9 @@ def cell_prompts(cfg: RunConfig, loaded):
     sel = select_examples(task, cfg.seed, cfg.k, cfg.data_dir, eval_cap=eval_cap,
                           eval_seed=protocol.eval_seed, source=cfg.data_source)
     sep = cfg.separator if cfg.separator is not None else protocol.separator
-    prompts = build_prompts(loaded.tokenizer, task, sel, separator=sep)
+    labels = [d.label for d in sel.demos]
+    labels = switch_labels(labels, len(task.label_words)) if cfg.label_switch else labels
+    prompts = build_prompts(loaded.tokenizer, task, sel, separator=sep, demo_labels=labels)
     record_at = cfg.record_at or protocol.record_at
     extra = 1 if record_at == "label" else 0
     n_icl = cfg.k
@@ -234,12 +237,12 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
     tokens = CellTokens(query_lens=tuple(len(q) + extra for q in prompts.queries), bos=len(prompts.bos),
                         icl_prefix=len(prompts.icl_prefix(n_icl)),
                         train_lens=tuple(len(prompts.training_sequence(i)) for i in range(len(prompts.demos))))
-    rss_before = _rss_mb()
+    rss_before, load_before = _rss_mb(), _loadavg()
     with eval_timer() as eval_times:
         cell = run(cfg, loaded=loaded)
     q_len = sorted(int(x) for x in next(iter(cell.records.values())).q_len)
     if q_len != sorted(tokens.query_lens):  # the floor must count what the run computed
-        raise AssertionError("bench token counts differ from the run's records")
+        raise IclgdError("bench: the token counts differ from the run's records (prompt code changed?)")
 
     rows = {}
     for setting, res in cell.results.items():
@@ -285,7 +288,10 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
                 "dtype": cfg.dtype, "device": cfg.device},
         "machine": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "rss_before_run_mb": rss_before},
+                    "torch": torch.__version__, "rss_before_run_mb": rss_before,
+                    "loadavg_1min_before_after": [load_before, _loadavg()],
+                    # OpenMP's default active spin-wait collapses when the cores are oversubscribed
+                    "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}},
         "targets": {"floor_ratio_max": TARGET_FLOOR_RATIO, "cache_speedup_min": TARGET_CACHE_SPEEDUP},
         "note": ("FLOP floor: useful matmul work only (module docstring of iclgd.bench); lr fixed, no "
                  "search; peak memory is the process RSS (model included); timings are wall clock "
@@ -301,12 +307,21 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
     return result
 
 
+def _loadavg() -> float | None:
+    """The 1-minute load average: other jobs on the machine make every timing here noisy."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def markdown(r: dict) -> str:
     """The short human table of a bench result."""
-    run_, c = r["run"], r["icl_cache"]
+    run_, c, load = r["run"], r["icl_cache"], r["machine"]["loadavg_1min_before_after"]
     lines = [
         f"# iclgd bench: {run_['model']} {run_['task']} k={run_['k']} eval_cap={run_['eval_cap']} "
-        f"(seed {run_['seed']}, {r['machine']['torch_threads']} threads, {run_['dtype']})",
+        f"(seed {run_['seed']}, {r['machine']['torch_threads']} threads, {run_['dtype']}, "
+        f"1-min load avg before/after {'/'.join(f'{x:.1f}' for x in load if x is not None)})",
         "",
         f"matmul peak (float32 {r['matmul']['n']}^2, best of {r['matmul']['reps']}): "
         f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s (median {r['matmul']['median'] / 1e9:.1f})",
