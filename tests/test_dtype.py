@@ -3,6 +3,7 @@
 import torch
 
 from iclgd.evaluate import EvalOptions, evaluate
+
 from tiny import tiny_model
 
 QUERIES = [[5, 9, 13, 7, 22, 31], [8, 3, 40], [17, 4, 4, 9, 50]]
