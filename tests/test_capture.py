@@ -6,7 +6,14 @@ import torch
 from torch.func import jvp
 
 from iclgd import arch
-from iclgd.capture import Plan, capture, has_capture_leftovers, math_attention, use_iclgd_attention
+from iclgd.capture import (
+    Plan,
+    capture,
+    has_capture_leftovers,
+    math_attention,
+    prefix_attention,
+    use_iclgd_attention,
+)
 from iclgd.evaluate import EvalOptions, evaluate, pad_right, run_captured
 
 from tiny import FAMILIES, tiny_model
@@ -88,6 +95,43 @@ def test_cached_prefix_equals_full_reencoding(family):
     for key in ("label_logprobs", "attn_out", "attn_logits"):
         torch.testing.assert_close(getattr(fast, key), getattr(slow, key), atol=1e-5, rtol=1e-4, equal_nan=True)
     assert torch.equal(fast.pred, slow.pred)
+    assert not has_capture_leftovers(model)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_prefix_attention_equals_math_attention_on_the_repeated_prefix(mask_kind, softcap):
+    """The shared-prefix kernel == explicit attention over [prefix repeated per example | own keys]."""
+    torch.manual_seed(0)
+    b, h, kv, q, p, d = 3, 6, 2, 4, 9, 8
+    query, key, value = torch.randn(b, h, q, d), torch.randn(b, kv, q, d), torch.randn(b, kv, q, d)
+    pk, pv = torch.randn(1, kv, p, d), torch.randn(1, kv, p, d)
+    full_k, full_v = torch.cat([pk.expand(b, -1, -1, -1), key], 2), torch.cat([pv.expand(b, -1, -1, -1), value], 2)
+    if mask_kind == "none":
+        mask = None
+    else:
+        mask = torch.ones(q, p + q, dtype=torch.bool).tril(p)[None, None].repeat(b, 1, 1, 1)
+        mask[0, :, :, :3] = False  # a sliding window hides early prefix keys from example 0
+        mask[1, :, :, -1] = False  # example 1's last token is padding
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    got = prefix_attention(query, key, value, (pk, pv), mask, 0.3, softcap)
+    want = math_attention(query, full_k, full_v, mask, 0.3, softcap)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_cached_prefix_with_single_token_queries_and_a_long_prefix(family):
+    """Batches without padding (transformers may pass no mask) and a prefix past Gemma's window."""
+    model = tiny_model(family)
+    prefix = [0, *range(21, 41), 1]
+    queries = [[5], [8], [17], [6]]
+    kw = dict(prefix=prefix, options=EvalOptions(batch_size=2, progress=False))
+    fast = evaluate(model, queries, [0, 1, 0, 1], LABELS, **kw)
+    slow = evaluate(model, queries, [0, 1, 0, 1], LABELS, prefix=prefix,
+                    options=EvalOptions(batch_size=2, cache_prefix=False, progress=False))
+    for key in ("label_logprobs", "attn_out", "attn_logits"):
+        torch.testing.assert_close(getattr(fast, key), getattr(slow, key), atol=1e-5, rtol=1e-4, equal_nan=True)
     assert not has_capture_leftovers(model)
 
 

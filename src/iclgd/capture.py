@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -38,6 +39,7 @@ from iclgd.errors import IclgdError
 ATTN_IMPL = "iclgd"
 _STATE_ATTR = "_iclgd_capture"
 _MATH_ATTR = "_iclgd_math"
+_PREFIX_ATTR = "_iclgd_prefix"
 
 
 @dataclass
@@ -181,12 +183,74 @@ def math_attention(
     return out.transpose(1, 2).contiguous()
 
 
+def prefix_attention(
+    query: torch.Tensor,  # [batch, head, q, d_head]
+    key: torch.Tensor,  # [batch, kv_head, q, d_head]: the chunk's own keys
+    value: torch.Tensor,  # [batch, kv_head, q, d_head]
+    prefix: tuple[torch.Tensor, torch.Tensor],  # keys, values [1, kv_head, p, d_head], shared by the batch
+    attention_mask: torch.Tensor | None,  # None, or bool/additive [batch, 1, q, p + q]
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention over [shared prefix | own keys] without copying the prefix per example.
+
+    Equals `math_attention` on the prefix repeated along the batch and concatenated with the
+    chunk's keys (tested), but the prefix enters as one [kv_head, p, d_head] operand: the batch
+    and the query heads of each key/value group are folded into the rows of one matmul.
+    Returns [batch, q, head, d_head].
+    """
+    b, n_heads, q_len, d = query.shape
+    n_kv = key.shape[1]
+    pk, pv = prefix
+    p_len = pk.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] != p_len + q_len:
+        raise IclgdError(
+            f"shared-prefix attention got a mask over {attention_mask.shape[-1]} keys for a prefix of "
+            f"{p_len} and a chunk of {q_len}; evaluate with cache_prefix=False for this model"
+        )
+    g = n_heads // n_kv
+    # Layout [kv_head, batch, group * q, .]: the prefix products are one matmul per key/value
+    # head with the batch folded into the rows, and the slices below stay views.
+    qs = (query * scaling).reshape(b, n_kv, g * q_len, d).transpose(0, 1)  # [kv, b, g*q, d]
+    s_pre = (qs.reshape(n_kv, b * g * q_len, d) @ pk[0].transpose(1, 2)).view(n_kv, b, g * q_len, p_len)
+    s_own = qs @ key.transpose(0, 1).transpose(2, 3)  # [kv, b, g*q, q]
+    scores = torch.cat([s_pre, s_own], dim=-1).view(n_kv, b, g, q_len, p_len + q_len)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:  # every prefix key, causal within the chunk
+        rows = torch.arange(q_len, device=query.device)
+        scores[..., p_len:].masked_fill_(rows[None, :] > rows[:, None], float("-inf"))
+    else:
+        m = attention_mask[None, :, :, :, :]  # [1, b, 1, q, p + q]
+        full_prefix = m.dtype == torch.bool and bool(m[..., :p_len].all())
+        part = scores[..., p_len:] if full_prefix else scores  # usually only the chunk is masked
+        m = m[..., p_len:] if full_prefix else m
+        if m.dtype == torch.bool:
+            part.masked_fill_(~m, float("-inf"))
+        else:
+            part.add_(m)
+    probs = torch.softmax(scores, dim=-1).view(n_kv, b * g * q_len, p_len + q_len)
+    out = probs[..., :p_len] @ pv[0]  # [kv, b*g*q, d]
+    out = out.view(n_kv, b, g * q_len, d) + probs[..., p_len:].view(n_kv, b, g * q_len, q_len) @ value.transpose(0, 1)
+    out = out.view(n_kv, b, g, q_len, d).permute(1, 0, 2, 3, 4)  # [b, kv, g, q, d]
+    return out.reshape(b, n_heads, q_len, d).transpose(1, 2).contiguous()
+
+
 def iclgd_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The "iclgd" attention implementation: SDPA's result, plus recording when a capture is on."""
     state: _LayerState | None = getattr(module, _STATE_ATTR, None)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
+    prefix = getattr(module, _PREFIX_ATTR, None)
+    if prefix is not None:
+        if state is not None and state.session.plan.full_rows:  # tests: the whole row, prefix included
+            full_keys = torch.cat([prefix[0].expand(key.shape[0], -1, -1, -1), key], dim=2)
+            _record_scores(state, query, full_keys, attention_mask, scaling)
+        elif state is not None:  # the query's own tokens are all in the chunk
+            own_mask = None if attention_mask is None else attention_mask[..., -key.shape[2]:]
+            _record_scores(state, query, key, own_mask, scaling)
+        return prefix_attention(query, key, value, prefix, attention_mask, scaling, softcap), None
     if state is not None:
         _record_scores(state, query, key, attention_mask, scaling)
     math = getattr(module, _MATH_ATTR, False) or (state is not None and state.session.plan.math)
@@ -224,6 +288,63 @@ def math_mode(model) -> Iterator[None]:
         for m in modules:
             if hasattr(m, _MATH_ATTR):
                 delattr(m, _MATH_ATTR)
+
+
+class _SharedPrefixLayer(CacheLayerMixin):
+    """A batch-1 prefix cache layer seen by a batch: positions and masks as if each example had
+    the prefix before it, but `update` hands attention only the chunk's own keys (the prefix
+    reaches `iclgd_attention` through the module, see `shared_prefix`) and stores nothing."""
+
+    def __init__(self, inner: CacheLayerMixin):
+        super().__init__()
+        self.inner = inner
+        self.keys, self.values = inner.keys, inner.values
+        self.is_initialized = True
+        self.is_sliding = getattr(inner, "is_sliding", False)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.inner.get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self.inner.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.inner.get_max_length()
+
+
+def supports_shared_prefix(model) -> bool:
+    """Models whose attention runs through the interface can share one prefix cache per batch."""
+    return arch.arch_spec(model).attn_kernel == "interface"
+
+
+@contextlib.contextmanager
+def shared_prefix(model, past: Cache) -> Iterator[Cache]:
+    """Let a batch of queries attend to one batch-1 prefix cache without repeating it.
+
+    Yields the cache to pass as `past_key_values` (any batch size, reusable for every batch:
+    nothing is appended to it); inside the block each attention module reads its layer's prefix
+    keys and values. Removed in `finally`.
+    """
+    if not supports_shared_prefix(model):
+        raise IclgdError(f"{type(model).__name__}: shared-prefix attention needs the attention interface")
+    use_iclgd_attention(model)
+    modules = arch.attention_modules(model)
+    if len(past.layers) != len(modules):
+        raise IclgdError(f"prefix cache has {len(past.layers)} layers, the model {len(modules)}")
+    try:
+        for module, layer in zip(modules, past.layers):
+            setattr(module, _PREFIX_ATTR, (layer.keys, layer.values))
+        yield Cache(layers=[_SharedPrefixLayer(layer) for layer in past.layers])
+    finally:
+        for module in modules:
+            if hasattr(module, _PREFIX_ATTR):
+                delattr(module, _PREFIX_ATTR)
 
 
 def _gpt_neo_kernel_owner(module):
@@ -316,7 +437,7 @@ def _gpt_neo_mask(owner, query, key, attention_mask):
 def has_capture_leftovers(model) -> bool:
     """True if any iclgd hook state is still attached (tests assert this is False)."""
     for module in model.modules():
-        if hasattr(module, _STATE_ATTR) or hasattr(module, _MATH_ATTR) or "_attn" in vars(module):
+        if any(hasattr(module, a) for a in (_STATE_ATTR, _MATH_ATTR, _PREFIX_ATTR)) or "_attn" in vars(module):
             return True
         if module._forward_hooks or module._forward_pre_hooks:
             return True

@@ -13,6 +13,7 @@ positions stay contiguous in every architecture.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ import torch
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from iclgd.capture import Plan, capture, use_iclgd_attention
+from iclgd.capture import Plan, capture, shared_prefix, supports_shared_prefix, use_iclgd_attention
 from iclgd.errors import IclgdError
 
 RECORD_AT = ("last", "label")
+NO_LOGITS = torch.zeros(0, dtype=torch.long)  # `logits_to_keep` that selects no position
 
 
 @dataclass
@@ -92,7 +94,9 @@ def run_captured(model, params, input_ids, attention_mask, plan: Plan, past=None
     Returns attn_out [batch, layer, d_model], attn_logits [batch, layer, head, q_pos],
     logits [batch, vocab] at plan.pred_pos.
     """
-    kwargs = dict(attention_mask=attention_mask, logits_to_keep=1)
+    # The capture computes the logits it needs at plan.pred_pos; the model's own head gets no
+    # positions (an empty index), which also keeps forward-mode AD off the vocabulary matrix.
+    kwargs = dict(attention_mask=attention_mask, logits_to_keep=NO_LOGITS)
     if past is not None:
         kwargs.update(past_key_values=past, use_cache=True)
     else:
@@ -108,7 +112,7 @@ def run_captured(model, params, input_ids, attention_mask, plan: Plan, past=None
 def encode_prefix(model, prefix: Sequence[int], params=None):
     """Run the demonstration prefix once and return its key/value cache."""
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=model.device)
-    kwargs = dict(use_cache=True, logits_to_keep=1)
+    kwargs = dict(use_cache=True, logits_to_keep=NO_LOGITS)
     with torch.no_grad():
         out = functional_call(model, params, (ids,), kwargs, strict=False) if params else model(ids, **kwargs)
     return out.past_key_values
@@ -164,13 +168,9 @@ def evaluate(
         )
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
         if past is not None:
-            batch_past = copy.deepcopy(past)
-            batch_past.batch_repeat_interleave(len(idx))
             mask = torch.cat([torch.ones(len(idx), len(prefix), dtype=mask.dtype, device=mask.device), mask], 1)
-        else:
-            batch_past = None
         if linearize is None:
-            with torch.no_grad():
+            with torch.no_grad(), _batch_cache(model, past, len(idx)) as batch_past:
                 out = run_captured(model, params, input_ids, mask, plan, batch_past)
         else:
             theta0, delta = linearize
@@ -183,6 +183,21 @@ def evaluate(
         for j, i in enumerate(idx):
             results[i] = {k: v[j].float().cpu() for k, v in out.items()}
     return _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
+
+
+@contextlib.contextmanager
+def _batch_cache(model, past, batch: int):
+    """The prefix cache as a batch of queries sees it: shared without copies where the model's
+    attention runs through iclgd's interface, else repeated along the batch (GPT-Neo)."""
+    if past is None:
+        yield None
+    elif supports_shared_prefix(model):
+        with shared_prefix(model, past) as shared:
+            yield shared
+    else:
+        repeated = copy.deepcopy(past)
+        repeated.batch_repeat_interleave(batch)
+        yield repeated
 
 
 def _assemble(results, gold, label_ids: torch.Tensor, own_lens: list[int]) -> Record:
