@@ -85,6 +85,27 @@ def test_lcgd_layer_gradient_ignores_layers_above(family, exit):
             assert not torch.allclose(g_before[n], g_after[n])  # the check can fail
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_lcgd_loss_is_the_sum_of_every_exits_token_loss(family):
+    """Reference: each block's output from output_hidden_states through the final norm and the
+    unembedding, one token loss per layer, summed; the last block's exit is the model's own logits."""
+    model = tiny_model(family)
+    ctx = TrainContext(model, DEMOS, ProcessConfig(name="lcgd", lr=0.1), progress=False)
+    ids = torch.tensor(DEMOS[2])
+    params = {n: p.clone().requires_grad_(True) for n, p in ctx.theta0.items()}
+    loss, _ = PROCESSES.get("lcgd")().grads(ctx, params, [ids])
+    with torch.no_grad():
+        out = model(ids[None], output_hidden_states=True)
+    norm, head = arch.final_norm(model), arch.unembed(model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    want = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[1:])
+    for h in out.hidden_states[1:-1]:  # blocks 0 .. L-2 (the last entry is already normed)
+        logits = head(norm(h))[0]
+        logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+        want = want + torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+
+
 def test_gd_gradient_does_depend_on_layers_above():
     """The contrast that makes the LCGD test meaningful."""
     model = tiny_model("llama")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from iclgd import arch
 from iclgd.errors import IclgdError
-from iclgd.processes.base import Process, TrainContext, register_process, token_loss
+from iclgd.evaluate import NO_LOGITS
+from iclgd.processes.base import Process, TrainContext, register_process
 
 EXITS = ("block", "attn")
 
@@ -80,13 +82,16 @@ class LCGD(Process):
         loss = 0.0
         for ids in batch:
             with layer_causal(model, exit) as exits:
-                functional_call(model, params, (ids[None],), {"use_cache": False, "logits_to_keep": 1},
+                functional_call(model, params, (ids[None],), {"use_cache": False, "logits_to_keep": NO_LOGITS},
                                 strict=False)
-            for h in exits:
-                logits = functional_call(head, frozen["head"], (functional_call(norm, frozen["norm"], (h,)),))
-                if softcap is not None:
-                    logits = torch.tanh(logits / softcap) * softcap
-                loss = loss + token_loss(logits[0], ids)
+            # All exits in one pass through the frozen norm and head: [layer, pos - 1, d_model],
+            # the last position predicts nothing. Sum over layers of each exit's token loss.
+            h = torch.cat(exits, dim=0)[:, :-1]
+            logits = functional_call(head, frozen["head"], (functional_call(norm, frozen["norm"], (h,)),))
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            targets = ids[1:].repeat(len(exits))
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / (len(ids) - 1)
         loss = loss / len(batch)
         names = list(params)
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
