@@ -6,8 +6,10 @@ process is `evaluate(prefix=BOS, params=its trained parameters)` and LinGD is th
 `linearize=(theta0, delta)`.
 
 ICL's demonstrations are identical for every eval example, so they are encoded once and their
-key/value cache is reused for every batch of queries (`cache_prefix=True`); tests check that
-this equals full re-encoding. Queries are right-padded, so real tokens never see padding and
+key/value cache is reused for every batch of queries (`cache_prefix=True`): the batch attends to
+the one batch-1 cache through `capture.shared_prefix`, with no per-batch copy (GPT-Neo, whose
+attention kernel is its own, gets the cache repeated along the batch). Tests check that this
+equals full re-encoding. Queries are right-padded, so real tokens never see padding and
 positions stay contiguous in every architecture.
 """
 
