@@ -61,6 +61,28 @@ def test_load_dtype(tmp_path):
         load_model(str(tmp_path / "m"), dtype="float61")
 
 
+def test_device_auto_places_with_accelerate_and_gives_the_same_records(tmp_path):
+    """device="auto" loads through device_map="auto" (here every module lands on the CPU) and
+    evaluates exactly like the plain load, processes included."""
+    from iclgd.evaluate import EvalOptions, evaluate
+    from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
+
+    _save_tiny(tmp_path / "m")
+    plain, auto = load_model(str(tmp_path / "m")), load_model(str(tmp_path / "m"), device="auto")
+    assert auto.identity["device_map"] and plain.identity["device_map"] is None
+    queries, opts = [[5, 9, 13, 7], [8, 3]], EvalOptions(progress=False)
+    recs = []
+    for lm in (plain, auto):
+        ctx = TrainContext(lm.model, [[0, 5, 9, 13, 7, 11]], ProcessConfig(name="gd", lr=0.1), progress=False)
+        proc = PROCESSES.get("gd")()
+        result = proc.train(ctx)
+        recs.append((evaluate(lm.model, queries, [0, 1], [11, 12], prefix=[0, 21, 22, 1], options=opts),
+                     proc.evaluate(ctx, result, queries, [0, 1], [11, 12], prefix=[0], options=opts)))
+    for a, b in zip(*recs):
+        torch.testing.assert_close(a.attn_out, b.attn_out)
+        torch.testing.assert_close(a.label_logprobs, b.label_logprobs)
+
+
 def test_missing_name_says_what_was_tried(offline):
     t0 = time.perf_counter()
     with pytest.raises(IclgdError) as info:

@@ -17,7 +17,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-cap", type=int, default=None, help="evaluate at most N examples")
     p.add_argument("--data-dir", default=None, help="local data folder (else $ICLGD_DATA_DIR, ../shared/data)")
     p.add_argument("--data-source", default="auto", choices=["auto", "hub", "local"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto (device_map=\"auto\": a model too large for one GPU spreads over all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--plugin", action="append", default=[],

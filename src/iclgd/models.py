@@ -197,21 +197,21 @@ def model_identity(model: PreTrainedModel, *, name: str, source: str, sha256: st
     }
 
 
-def _from_folder(folder: str | Path, dtype: torch.dtype, **kw):
+def _from_folder(folder: str | Path, dtype: torch.dtype, device_map: str | None = None, **kw):
     """Model + tokenizer from a folder or Hub id, preferring sdpa attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation="sdpa", **kw
+            folder, dtype=dtype, attn_implementation="sdpa", device_map=device_map, **kw
         )
     except (ValueError, ImportError) as err:  # GPT-Neo has no sdpa class in transformers 5.x
         if not any(k in str(err) for k in ("sdpa", "scaled_dot_product_attention")):
             raise
         log.info("sdpa attention unavailable for %s; using eager", folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation="eager", **kw
+            folder, dtype=dtype, attn_implementation="eager", device_map=device_map, **kw
         )
     return model, tokenizer
 
@@ -252,37 +252,44 @@ def load_model(
     name: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None
 ) -> LoadedModel:
     """Load `name`: an embedded alias (`MODEL_ALIASES`), a local model folder, a `.gguf` file,
-    or a Hugging Face Hub id, tried in that order. The model is in eval mode, on `device`, in
+    or a Hugging Face Hub id, tried in that order. The model is in eval mode, on `device` ("cpu",
+    "cuda", "cuda:1", ..., or "auto": `device_map="auto"` across the GPUs for a model too large
+    for one), in
     `dtype` ("float32", "bfloat16", "float16"), with every parameter frozen. A name that
     matches nothing raises UnknownNameError saying what was tried and why each failed."""
     if dtype not in DTYPES:
         raise unknown_name("dtype", dtype, list(DTYPES))
     torch_dtype = DTYPES[dtype]
+    # "auto": accelerate spreads a model too large for one device over every GPU, then CPU RAM
+    placement = {"device_map": "auto"} if device == "auto" else {}
     t0 = time.perf_counter()
     sha = None
     path = Path(name).expanduser()
     if name in MODEL_ALIASES:
         gguf = MODEL_ALIASES.get(name)(cache_root(cache_dir))
         folder, sha = _gguf_folder(gguf, name, cache_dir)
-        source, (model, tokenizer) = str(gguf), _from_folder(folder, torch_dtype)
+        source, (model, tokenizer) = str(gguf), _from_folder(folder, torch_dtype, **placement)
     elif path.is_dir():
-        source, (model, tokenizer) = str(path.resolve()), _from_folder(path, torch_dtype)
+        source, (model, tokenizer) = str(path.resolve()), _from_folder(path, torch_dtype, **placement)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise IclgdError(f"GGUF file {str(path)!r} does not exist")
         folder, sha = _gguf_folder(path.resolve(), path.stem, cache_dir)
-        source, (model, tokenizer) = str(path.resolve()), _from_folder(folder, torch_dtype)
+        source, (model, tokenizer) = str(path.resolve()), _from_folder(folder, torch_dtype, **placement)
     elif "/" not in name and difflib.get_close_matches(name, MODEL_ALIASES.names(), cutoff=0.8):
         # a misspelled alias: answer at once rather than after the Hub's network retries
         raise _not_found(name, path, None)
     else:
         try:
-            model, tokenizer = _from_folder(name, torch_dtype)
+            model, tokenizer = _from_folder(name, torch_dtype, **placement)
         except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean "no"
             raise _not_found(name, path, err) from None
         source = f"hub:{name}"
-    model = model.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
+    if not placement:
+        model = model.to(device=device, dtype=torch_dtype)
+    model = model.eval().requires_grad_(False)
     identity = model_identity(model, name=name, source=source, sha256=sha)
+    identity["device_map"] = getattr(model, "hf_device_map", None) or ("auto" if placement else None)
     log.info(
         "loaded %s (%s, %d params) in %.1f s",
         name,
