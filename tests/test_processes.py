@@ -106,6 +106,24 @@ def test_lcgd_loss_is_the_sum_of_every_exits_token_loss(family):
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("exit", ["block", "attn"])
+def test_lcgd_gradient_does_not_depend_on_how_exits_are_grouped(monkeypatch, exit):
+    """Exits back-propagated one layer at a time == all layers at once."""
+    from iclgd.processes import lcgd
+
+    model = tiny_model("llama")
+    ctx = TrainContext(model, DEMOS, ProcessConfig(name="lcgd", lr=0.1, options={"exit": exit}), progress=False)
+    out = []
+    for budget in (1, 2**40):
+        monkeypatch.setattr(lcgd, "EXIT_CHUNK_BYTES", budget)
+        params = {n: p.clone().requires_grad_(True) for n, p in ctx.theta0.items()}
+        out.append(PROCESSES.get("lcgd")().grads(ctx, params, [torch.tensor(d) for d in DEMOS]))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], atol=1e-6, rtol=1e-5)
+    assert all(g.abs().sum() > 0 for g in out[0][1].values())
+
+
 def test_gd_gradient_does_depend_on_layers_above():
     """The contrast that makes the LCGD test meaningful."""
     model = tiny_model("llama")

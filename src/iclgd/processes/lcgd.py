@@ -71,6 +71,12 @@ def layer_causal(model, exit: str):
             h.remove()
 
 
+# Exits go through the frozen norm and head a few layers at a time, each group's logits at most
+# this large; every group is back-propagated at once, so its vocabulary-sized tensors are freed
+# before the next (the groups' graphs are disjoint: each block's input is detached).
+EXIT_CHUNK_BYTES = 64 * 2**20
+
+
 @register_process("lcgd")
 class LCGD(Process):
     def grads(self, ctx: TrainContext, params, batch):
@@ -79,23 +85,30 @@ class LCGD(Process):
         norm, head = arch.final_norm(model), arch.unembed(model)
         frozen = _frozen_exit_params(model, params)
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        loss = 0.0
+        names = list(params)
+        grads = {n: torch.zeros_like(params[n]) for n in names}
+        loss = torch.zeros(())
         for ids in batch:
             with layer_causal(model, exit) as exits:
                 functional_call(model, params, (ids[None],), {"use_cache": False, "logits_to_keep": NO_LOGITS},
                                 strict=False)
-            # All exits in one pass through the frozen norm and head: [layer, pos - 1, d_model],
-            # the last position predicts nothing. Sum over layers of each exit's token loss.
-            h = torch.cat(exits, dim=0)[:, :-1]
-            logits = functional_call(head, frozen["head"], (functional_call(norm, frozen["norm"], (h,)),))
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            targets = ids[1:].repeat(len(exits))
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / (len(ids) - 1)
-        loss = loss / len(batch)
-        names = list(params)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        return loss.detach(), {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+            n_pos = len(ids) - 1  # the last position predicts nothing
+            per_layer = n_pos * head.weight.shape[0] * head.weight.element_size()
+            step = max(1, EXIT_CHUNK_BYTES // per_layer)
+            for start in range(0, len(exits), step):
+                h = torch.cat(exits[start : start + step], dim=0)[:, :-1]  # [layers, pos - 1, d_model]
+                logits = functional_call(head, frozen["head"], (functional_call(norm, frozen["norm"], (h,)),))
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                # the sum over these layers of each exit's mean token loss
+                part = F.cross_entropy(logits.flatten(0, 1), ids[1:].repeat(len(h)), reduction="sum")
+                part = part / n_pos / len(batch)
+                for n, g in zip(names, torch.autograd.grad(part, [params[n] for n in names], allow_unused=True)):
+                    if g is not None:
+                        grads[n] += g
+                loss += part.detach()
+                del logits, part
+        return loss, grads
 
 
 def _frozen_exit_params(model, params) -> dict[str, dict[str, torch.Tensor]]:
