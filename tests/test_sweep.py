@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from iclgd import cli, runfolder, sweep
@@ -155,11 +156,13 @@ def test_ray_backend_matches_local(tmp_path):
     local = sweep.run_sweep(cells, tmp_path / "local", loaded=tiny_llama_loaded(), progress=False)
     # the workers import the factory from this folder; iclgd itself is installed in the venv
     env = {"env_vars": {"PYTHONPATH": str(TESTS)}}
+    threads = torch.get_num_threads()  # bit-identical CPU results need the same thread count
     remote = sweep.run_sweep(cells, tmp_path / "ray", backend="ray", model_factory="test_sweep:tiny_llama_loaded",
-                             runtime_env=env, cpus_per_cell=1)
+                             runtime_env=env, cpus_per_cell=threads)
     assert [p.relative_to(tmp_path / "ray") for p in remote] == [p.relative_to(tmp_path / "local") for p in local]
     for a, b in zip(local, remote):
         assert runfolder.is_done(b)
+        assert json.loads((b / "config.json").read_text())["provenance"]["torch_threads"] == threads
         ra, rb = _records(a), _records(b)
         assert set(ra) == set(rb) == {"zsl", "icl", "gd"}
         for setting in ra:

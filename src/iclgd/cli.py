@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-process lr: held-out search, or the task's reference lr (default: protocol's)")
     rep.add_argument("--backend", default="local", choices=["local", "ray"])
     rep.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
+    rep.add_argument("--cpus-per-cell", type=int, default=1,
+                     help="Ray: CPUs each cell's task declares, and its torch threads (CPU results are "
+                          "bit-identical only between runs with the same thread count)")
     rep.add_argument("--out", default="reports/reproduce")
 
     rp = sub.add_parser("report", help="rebuild tables, figures and HTML from run folders")

@@ -218,8 +218,11 @@ def _run_local(todo, root, loaded, factory, progress) -> list[tuple[RunConfig, E
 _WORKER_MODELS: dict[tuple, object] = {}  # per Ray worker process: consecutive cells reuse the model
 
 
-def _ray_cell(cfg: RunConfig, out: str, factory: ModelFactory | None, plugins: Sequence[str]):
+def _ray_cell(cfg: RunConfig, out: str, factory: ModelFactory | None, plugins: Sequence[str], threads: int):
     """Body of one Ray task: run `cfg` into `out`; returns (out, accuracy per setting, seconds)."""
+    import torch
+
+    torch.set_num_threads(threads)  # the CPUs the task declared; recorded in the run folder
     for mod in plugins:  # processes registered by plugins must exist in the worker too
         importlib.import_module(mod)
     key = _model_key(cfg, factory)
@@ -259,7 +262,8 @@ def _run_ray(todo, root, address, progress, factory, cpus, gpus, memory_gb, runt
                 opts["runtime_env"] = runtime_env
             # no progress bars from workers: they would interleave in the driver's log
             cell = dataclasses.replace(cfg, progress=False)
-            refs[remote.options(**opts).remote(cell, str(cell_dir(root, cfg)), factory, tuple(plugins))] = cfg
+            refs[remote.options(**opts).remote(cell, str(cell_dir(root, cfg)), factory, tuple(plugins),
+                                                    max(1, int(cpus)))] = cfg
         failures, done = [], 0
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
@@ -332,7 +336,8 @@ def reproduce_from_args(args) -> int:
     reproduce(tasks, seeds, model=args.model, protocol=args.protocol, k=args.k,
               settings=split_settings(args.settings), eval_cap=args.eval_cap, data_dir=args.data_dir,
               out=args.out, backend=args.backend, address=args.address,
-              sweep_options={"plugins": tuple(getattr(args, "plugin", ()))},
+              sweep_options={"plugins": tuple(getattr(args, "plugin", ())),
+                             "cpus_per_cell": getattr(args, "cpus_per_cell", 1)},
               bars=not args.quiet,  # --quiet drops the bars; the one line per cell stays
               data_source=args.data_source, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
               lr_source=args.lr_source)
