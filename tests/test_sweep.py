@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from iclgd import cli, runfolder, sweep
 from iclgd.errors import IclgdError
