@@ -173,16 +173,13 @@ def math_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scaling + mask)·v, differentiable in both AD modes. Returns [batch, q, head, d_head]."""
-    b, n_heads, q_len, d = query.shape
-    n_kv, k_len = key.shape[1], key.shape[2]
-    # The query heads of each key/value group are folded into rows: keys are never repeated.
-    grouped = query.reshape(b, n_kv, n_heads // n_kv * q_len, d)
-    scores = (grouped @ key.transpose(-1, -2)).view(b, n_heads, q_len, k_len) * scaling
+    n_heads = query.shape[1]
+    scores = query @ _expand_kv(key, n_heads).transpose(-1, -2) * scaling  # [batch, head, q, k_pos]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = _mask_scores(scores, attention_mask)
-    probs = torch.softmax(scores, dim=-1).view(b, n_kv, n_heads // n_kv * q_len, k_len)
-    out = (probs @ value).view(b, n_heads, q_len, d)
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ _expand_kv(value, n_heads)  # [batch, head, q, d_head]
     return out.transpose(1, 2).contiguous()
 
 
