@@ -111,6 +111,14 @@ def test_prompt_longer_than_context_names_example_and_lengths(loaded):
         run(RunConfig(settings=("zsl", "icl"), **{**FAST, "k": 64}), loaded=loaded)
 
 
+def test_dai2023_drops_demonstrations_that_do_not_fit_for_icl_only(loaded, caplog):
+    """The reference rule: where the default protocol refuses (test above), ICL keeps what fits."""
+    cell = run(RunConfig(settings=("zsl", "icl"), protocol="dai2023", **{**FAST, "k": 64}), loaded=loaded)
+    kept = cell.results["icl"]["options"]["n_demos"]
+    assert 0 < kept < 64 and "ICL keeps" in caplog.text
+    assert len(cell.demos) == 64  # the processes would still train on all of them
+
+
 def test_empty_eval_set_is_an_error(loaded):
     with pytest.raises(IclgdError):
         run(RunConfig(settings=("zsl",), **{**FAST, "eval_cap": 0}), loaded=loaded)

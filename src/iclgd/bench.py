@@ -31,13 +31,10 @@ from pathlib import Path
 import torch
 
 from iclgd import arch
-from iclgd.data import select_examples, switch_labels
 from iclgd.errors import IclgdError
 from iclgd.evaluate import EvalOptions, encode_prefix, evaluate
-from iclgd.experiment import PeakMemory, RunConfig, _rss_mb, parse_setting, run
+from iclgd.experiment import PeakMemory, RunConfig, _rss_mb, parse_setting, prepare, run
 from iclgd.processes import PROCESSES
-from iclgd.prompts import build_prompts, demos_that_fit
-from iclgd.protocols import get_protocol
 from iclgd.tasks import get_task
 
 DEFAULT_EVAL_CAP = 64
@@ -176,24 +173,6 @@ def eval_timer():
                 cls.evaluate = orig
 
 
-def cell_prompts(cfg: RunConfig, loaded):
-    """The prompts, eval gold labels and ICL demo count `experiment.run` builds for `cfg`."""
-    protocol, task = get_protocol(cfg.protocol), get_task(cfg.task)
-    eval_cap = cfg.eval_cap if cfg.eval_cap is not None else min(task.eval_cap, protocol.eval_cap)
-    sel = select_examples(task, cfg.seed, cfg.k, cfg.data_dir, eval_cap=eval_cap,
-                          eval_seed=protocol.eval_seed, source=cfg.data_source)
-    sep = cfg.separator if cfg.separator is not None else protocol.separator
-    labels = [d.label for d in sel.demos]
-    labels = switch_labels(labels, len(task.label_words)) if cfg.label_switch else labels
-    prompts = build_prompts(loaded.tokenizer, task, sel, separator=sep, demo_labels=labels)
-    record_at = cfg.record_at or protocol.record_at
-    extra = 1 if record_at == "label" else 0
-    n_icl = cfg.k
-    if protocol.icl_truncation == "drop":
-        n_icl = demos_that_fit(prompts, loaded.max_length, extra=extra)
-    return prompts, [e.label for e in sel.eval], n_icl, record_at, extra
-
-
 def cache_comparison(loaded, prompts, gold, n_icl, opts: EvalOptions, pad_id: int, n: int = 32) -> dict:
     """Cached-prefix ICL versus full re-encoding on the same first `n` eval queries."""
     model, queries, gold = loaded.model, prompts.queries[:n], gold[:n]
@@ -233,7 +212,8 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
         cfg = replace(cfg, lr=get_task(cfg.task).lr or 1e-3)
     peak = matmul_peak(matmul_n, matmul_reps)
     dims = ModelDims.of(loaded.model)
-    prompts, gold, n_icl, _, extra = cell_prompts(cfg, loaded)
+    prep = prepare(cfg, loaded)
+    prompts, gold, n_icl, extra = prep.prompts, [e.label for e in prep.selection.eval], prep.n_icl, prep.extra
     tokens = CellTokens(query_lens=tuple(len(q) + extra for q in prompts.queries), bos=len(prompts.bos),
                         icl_prefix=len(prompts.icl_prefix(n_icl)),
                         train_lens=tuple(len(prompts.training_sequence(i)) for i in range(len(prompts.demos))))

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from iclgd import runfolder
-from iclgd.data import held_out, select_examples, switch_labels
+from iclgd.data import Selection, held_out, select_examples, switch_labels
 from iclgd.errors import IclgdError, PromptError
 from iclgd.evaluate import EvalOptions, Record, evaluate
 from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
-from iclgd.prompts import build_prompts, check_fits, demos_that_fit
+from iclgd.prompts import Prompts, build_prompts, check_fits, demos_that_fit
 from iclgd.protocols import Protocol, get_protocol
 from iclgd.registry import unknown_name
 from iclgd.tasks import Task, get_task
@@ -168,34 +168,58 @@ def _ordered(settings) -> list[str]:
     return sorted(settings, key=lambda s: key.get(s, 3))
 
 
-def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None) -> CellResult:
-    """Run one cell. `loaded` reuses an already loaded model; `out` writes the run folder."""
-    from iclgd.models import load_model
+@dataclass
+class Prepared:
+    """What every setting of a cell shares: the resolved protocol and task, the seeded selection,
+    the tokenized prompts and where to record (`extra` = 1 token appended for record_at "label")."""
 
-    protocol = get_protocol(cfg.protocol)
-    task = get_task(cfg.task)
-    settings = _ordered(cfg.settings)
-    if cfg.k < 0:
-        raise IclgdError(f"k must be >= 0, got {cfg.k}")
-    loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    tok = loaded.tokenizer
+    protocol: Protocol
+    task: Task
+    selection: Selection
+    demo_labels: list[int]  # the labels the demonstrations carry (deranged under label switching)
+    prompts: Prompts
+    eval_cap: int
+    separator: str
+    record_at: str
+    extra: int
+    n_icl: int  # demonstrations ICL sees: k, or what fits under the dai2023 "drop" rule
+
+
+def prepare(cfg: RunConfig, loaded) -> Prepared:
+    """Select the demonstrations and eval examples of `cfg` and build its prompts (no model call)."""
+    protocol, task = get_protocol(cfg.protocol), get_task(cfg.task)
     eval_cap = cfg.eval_cap if cfg.eval_cap is not None else min(task.eval_cap, protocol.eval_cap)
     sel = select_examples(task, cfg.seed, cfg.k, cfg.data_dir, eval_cap=eval_cap,
                           eval_seed=protocol.eval_seed, source=cfg.data_source)
     gold_demo = [d.label for d in sel.demos]
     demo_labels = switch_labels(gold_demo, len(task.label_words)) if cfg.label_switch else gold_demo
     separator = cfg.separator if cfg.separator is not None else protocol.separator
-    prompts = build_prompts(tok, task, sel, separator=separator, demo_labels=demo_labels)
+    prompts = build_prompts(loaded.tokenizer, task, sel, separator=separator, demo_labels=demo_labels)
     record_at = cfg.record_at or protocol.record_at
     extra = 1 if record_at == "label" else 0
-    eval_ids = [e.id for e in sel.eval]
     n_icl = cfg.k
+    if protocol.icl_truncation == "drop":
+        n_icl = demos_that_fit(prompts, loaded.max_length, extra=extra)
+    return Prepared(protocol, task, sel, demo_labels, prompts, eval_cap, separator, record_at, extra, n_icl)
+
+
+def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None) -> CellResult:
+    """Run one cell. `loaded` reuses an already loaded model; `out` writes the run folder."""
+    from iclgd.models import load_model
+
+    settings = _ordered(cfg.settings)
+    if cfg.k < 0:
+        raise IclgdError(f"k must be >= 0, got {cfg.k}")
+    loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    prep = prepare(cfg, loaded)
+    protocol, task, sel, prompts = prep.protocol, prep.task, prep.selection, prep.prompts
+    record_at, extra, n_icl = prep.record_at, prep.extra, prep.n_icl
+    tok = loaded.tokenizer
+    eval_ids = [e.id for e in sel.eval]
     if "icl" in settings:
-        if protocol.icl_truncation == "drop":
-            n_icl = demos_that_fit(prompts, loaded.max_length, extra=extra)
-            if n_icl < cfg.k:
-                log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", n_icl, cfg.k)
-        else:
+        if n_icl < cfg.k:
+            log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", n_icl, cfg.k)
+        if protocol.icl_truncation != "drop":
             check_fits(prompts, loaded.max_length, eval_ids=eval_ids, n_demos=cfg.k, extra=extra)
     check_fits(prompts, loaded.max_length, eval_ids=eval_ids, n_demos=0, extra=extra)
     train_seqs = [prompts.training_sequence(i) for i in range(len(prompts.demos))]
@@ -237,13 +261,13 @@ def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None) -> CellRe
         log.info("%s: accuracy %.4f (%.1f s)", setting, rec.accuracy, results[setting]["wall_s"])
 
     config = {
-        "run": asdict(cfg) | {"settings": list(settings), "eval_cap": eval_cap, "separator": separator,
+        "run": asdict(cfg) | {"settings": list(settings), "eval_cap": prep.eval_cap, "separator": prep.separator,
                               "record_at": record_at},
         "task": task.to_dict(), "seed": cfg.seed, "k": cfg.k, "model": loaded.identity,
         "protocol": protocol.to_dict(), "settings": list(settings), "label_switch": cfg.label_switch,
         "provenance": runfolder.provenance(),
     }
-    demos = [{"id": d.id, "fields": d.fields, "gold": d.label, "label": y} for d, y in zip(sel.demos, demo_labels)]
+    demos = [{"id": d.id, "fields": d.fields, "gold": d.label, "label": y} for d, y in zip(sel.demos, prep.demo_labels)]
     result = CellResult(config, records, results, demos, eval_ids)
     if out is not None:
         result.path = runfolder.write(out, result)
@@ -279,7 +303,6 @@ def search_lr(cfg, protocol: Protocol, task: Task, setting, loaded, prompts, tra
     """
     name, _ = parse_setting(setting)
     pool = held_out(task, cfg.seed, cfg.k, protocol.lr_search_n, cfg.data_dir, source=cfg.data_source)
-    from iclgd.data import Selection
 
     held = build_prompts(loaded.tokenizer, task, Selection(demos=(), eval=tuple(pool)),
                          separator=cfg.separator or protocol.separator)
