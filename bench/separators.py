@@ -43,7 +43,7 @@ def main() -> None:
         summary.setdefault((r["model"], r["separator"]), []).append(r["icl"] - r["zsl"])
     print("\nmean ICL - ZSL accuracy over seeds (held-out train slice):")
     for (model, sep), gains in summary.items():
-        print(f"  {model:14s} {sep!r:8s} {sum(gains) / len(gains):+.3f}  {['%+.3f' % g for g in gains]}")
+        print(f"  {model:14s} {sep!r:8s} {sum(gains) / len(gains):+.3f}  {[f'{g:+.3f}' for g in gains]}")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -300,20 +300,13 @@ def test_chunking_over_batch_does_not_change_results(monkeypatch):
     h = [_h(n=7, seed=s) for s in (1, 2, 3)]
     m = [_m(n=7, seed=s) for s in (4, 5, 6)]
     m[0][2, :, :, 3:] = float("nan")
-    whole = [
-        M.simaou(*h),
-        M.simaou_random(h[0], h[1], seed=1),
-        M.alpha_aou(*h),
-        M.simam(m[0], m[1]),
-        M.simam_delta(*m),
-    ]
+
+    def every_metric():
+        return [M.simaou(*h), M.simaou_random(h[0], h[1], seed=1), M.alpha_aou(*h),
+                M.simam(m[0], m[1]), M.simam_delta(*m)]
+
+    whole = every_metric()
     monkeypatch.setattr(M, "_CHUNK_ELEMS", 1)  # one example per chunk
-    chunked = [
-        M.simaou(*h),
-        M.simaou_random(h[0], h[1], seed=1),
-        M.alpha_aou(*h),
-        M.simam(m[0], m[1]),
-        M.simam_delta(*m),
-    ]
+    chunked = every_metric()
     for a, b in zip(whole, chunked, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
