@@ -6,8 +6,11 @@ import torch
 from torch.func import jvp
 
 from iclgd import arch
+from iclgd import capture as capture_mod
 from iclgd.capture import (
     Plan,
+    _prefix_attention_flash,
+    _prefix_attention_scores,
     capture,
     has_capture_leftovers,
     math_attention,
@@ -99,25 +102,55 @@ def test_cached_prefix_equals_full_reencoding(family):
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("window", [False, True])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_prefix_attention_equals_math_attention_on_the_repeated_prefix(mask_kind, softcap):
-    """The shared-prefix kernel == explicit attention over [prefix repeated per example | own keys]."""
+@pytest.mark.parametrize("kernel", ["dispatch", "scores", "flash"])
+def test_prefix_attention_equals_math_attention_on_the_repeated_prefix(mask_kind, window, softcap, kernel):
+    """The shared-prefix kernels == explicit attention over [prefix repeated per example | own keys]."""
     torch.manual_seed(0)
     b, h, kv, q, p, d = 3, 6, 2, 4, 9, 8
     query, key, value = torch.randn(b, h, q, d), torch.randn(b, kv, q, d), torch.randn(b, kv, q, d)
     pk, pv = torch.randn(1, kv, p, d), torch.randn(1, kv, p, d)
     full_k, full_v = torch.cat([pk.expand(b, -1, -1, -1), key], 2), torch.cat([pv.expand(b, -1, -1, -1), value], 2)
+    if mask_kind == "none" and window:
+        pytest.skip("a sliding window always comes with a mask")
     if mask_kind == "none":
         mask = None
     else:
         mask = torch.ones(q, p + q, dtype=torch.bool).tril(p)[None, None].repeat(b, 1, 1, 1)
-        mask[0, :, :, :3] = False  # a sliding window hides early prefix keys from example 0
+        if window:
+            mask[0, :, :, :3] = False  # a sliding window hides early prefix keys from example 0
         mask[1, :, :, -1] = False  # example 1's last token is padding
+        mask[2, :, :, p : p + 2] = False  # example 2's first two query rows see no key of their own
         if mask_kind == "additive":
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    got = prefix_attention(query, key, value, (pk, pv), mask, 0.3, softcap)
     want = math_attention(query, full_k, full_v, mask, 0.3, softcap)
+    own = None if mask is None else mask[..., p:]
+    if kernel == "dispatch":
+        got = prefix_attention(query, key, value, (pk, pv), mask, 0.3, softcap)
+    elif kernel == "scores":
+        got = _prefix_attention_scores(query, key, value, (pk, pv), mask, 0.3, softcap, prefix_open=not window)
+    else:
+        if window or softcap is not None:
+            pytest.skip("the fused path runs only where every query sees the whole prefix, without softcapping")
+        got = _prefix_attention_flash(query, key, value, (pk, pv), own, 0.3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_attention_takes_the_fused_path_only_where_it_applies(monkeypatch):
+    """Dispatch: fused flash for an open prefix without softcap; explicit scores otherwise."""
+    calls = []
+    monkeypatch.setattr(capture_mod, "_prefix_attention_flash", lambda *a: calls.append("flash") or a[0].transpose(1, 2))
+    monkeypatch.setattr(capture_mod, "_prefix_attention_scores", lambda *a: calls.append("scores") or a[0].transpose(1, 2))
+    b, q, p = 2, 3, 5
+    x, pk = torch.randn(b, 4, q, 8), torch.randn(1, 2, p, 8)
+    kv = torch.randn(b, 2, q, 8)
+    open_mask = torch.ones(b, 1, q, p + q, dtype=torch.bool)
+    cut = open_mask.clone()
+    cut[0, ..., 0] = False
+    for mask, softcap in [(None, None), (open_mask, None), (cut, None), (open_mask, 5.0)]:
+        prefix_attention(x, kv, kv, (pk, pk), mask, 0.3, softcap)
+    assert calls == ["flash", "flash", "scores", "scores"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
