@@ -7,7 +7,7 @@ from iclgd import arch
 from iclgd.errors import IclgdError, NonFiniteError, UnknownNameError
 from iclgd.evaluate import EvalOptions, evaluate
 from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
-from iclgd.processes.base import clip, layer_norms
+from iclgd.processes.base import clip, layer_norms, non_finite_layers
 from iclgd.processes.lcgd import layer_causal
 
 from tiny import FAMILIES, tiny_model
@@ -222,6 +222,39 @@ def test_non_finite_loss_stops_with_step_and_lr():
     with torch.no_grad():
         arch.attention_modules(model)[1].k_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"step 0 with lr 0.05"):
+        train(model, "gd", lr=0.05)
+
+
+def test_non_finite_layers_finds_every_bad_layer_and_only_those():
+    """The norm shortcut: NaN/inf entries are found per layer (outside the blocks too); a finite
+    gradient whose squared norm overflows float32 is not reported."""
+    layer_of = {"a": 0, "b": 0, "c": 1, "d": 2, "emb": -1}
+    grads = {n: torch.randn(4, 3) for n in layer_of}
+    grads["b"][1, 2] = float("nan")
+    grads["d"][0, 0] = float("-inf")
+    grads["emb"][3, 1] = float("inf")
+    grads["c"][:] = 3e38  # finite, but its squared norm is inf
+    norms = layer_norms(grads, layer_of, 3)
+    assert not torch.isfinite(norms[1])
+    assert non_finite_layers(grads, layer_of, norms) == [-1, 0, 2]
+    clean = {n: torch.randn(4, 3) for n in layer_of}
+    assert non_finite_layers(clean, layer_of, layer_norms(clean, layer_of, 3)) == []
+
+
+def test_non_finite_gradient_names_the_layer(monkeypatch):
+    """A finite loss with a NaN gradient in one layer stops training and names that layer."""
+    model = tiny_model("llama")
+    gd = PROCESSES.get("gd")
+    bad_name = next(tp.name for tp in arch.trainable_params(model, "kv") if tp.layer == 1)
+    real = gd.grads
+
+    def poisoned(self, ctx, params, batch):
+        loss, grads = real(self, ctx, params, batch)
+        grads[bad_name] = grads[bad_name] * float("nan")
+        return loss, grads
+
+    monkeypatch.setattr(gd, "grads", poisoned)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 0, layer\(s\) \[1\]"):
         train(model, "gd", lr=0.05)
 
 

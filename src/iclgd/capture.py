@@ -11,7 +11,7 @@ register one function, "iclgd", that computes attention exactly as SDPA does and
 capture is active for that module, also computes the recording row q·kᵀ·scaling (the model's own
 scaling, so GPT-Neo's unscaled scores are recorded as the model uses them). GPT-Neo does not use
 the interface in transformers 5, so its `_attn` method is wrapped instead (arch.attn_kernel).
-Under forward-mode AD (LinGD, `torch.func.jvp`) SDPA has no derivative on CPU, so `plan.math`
+Under forward-mode AD (LinGD) SDPA has no derivative on CPU, so `plan.math`
 switches to an explicit softmax(q·kᵀ·s + mask)·v, which the tests check equals SDPA.
 
 Positions are described per batch, in the coordinates of the current forward's token chunk:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call, jvp
+import torch.autograd.forward_ad as fwad
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from iclgd.capture import Plan, capture, shared_prefix, supports_shared_prefix, use_iclgd_attention
@@ -138,7 +139,7 @@ def evaluate(
     `params` overrides named parameters (a trained process) without touching the model.
     `linearize=(theta0, delta)` evaluates the first-order Taylor model around theta0 in the
     direction delta: every recorded quantity (vocabulary logits, attention outputs, attention
-    logits) is primal + tangent of one `torch.func.jvp`.
+    logits) is primal + tangent of one forward-mode AD pass (`first_order`).
     """
     if len(queries) == 0:
         raise IclgdError("no eval examples to evaluate (empty eval set)")
@@ -176,15 +177,30 @@ def evaluate(
                 out = run_captured(model, params, input_ids, mask, plan, batch_past)
         else:
             theta0, delta = linearize
-
-            def f(p, input_ids=input_ids, mask=mask, plan=plan):
-                return run_captured(model, p, input_ids, mask, plan)
-
-            primal, tangent = jvp(f, (theta0,), (delta,))
-            out = {k: (primal[k] + tangent[k]).detach() for k in primal}
+            with torch.no_grad():
+                primal, tangent = first_order(
+                    lambda p, input_ids=input_ids, mask=mask, plan=plan: run_captured(model, p, input_ids, mask, plan),
+                    theta0, delta)
+            out = {k: primal[k] + tangent[k] for k in primal}
         for j, i in enumerate(idx):
             results[i] = {k: v[j].float().cpu() for k, v in out.items()}
     return _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
+
+
+def first_order(fn, theta0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]):
+    """(fn(θ0), J_fn(θ0)·Δ) for `fn` mapping a parameter dict to a dict of tensors: one
+    forward-mode AD pass (dual numbers, `torch.autograd.forward_ad`), the same values as
+    `torch.func.jvp(fn, (θ0,), (Δ,))` (tested) with less per-op overhead. Outputs that do not
+    depend on θ get a zero tangent. Works under `no_grad`; if θ0 requires grad, the primal
+    outputs stay differentiable with respect to it.
+    """
+    with fwad.dual_level():
+        out = fn({n: fwad.make_dual(theta0[n], delta[n]) for n in theta0})
+        primal, tangent = {}, {}
+        for k, v in out.items():
+            p, t = fwad.unpack_dual(v)
+            primal[k], tangent[k] = p, (torch.zeros_like(p) if t is None else t)
+    return primal, tangent
 
 
 @contextlib.contextmanager

@@ -129,7 +129,7 @@ class Process:
                 )
             grads = {n: g * ctx.masks[n] if n in ctx.masks else g for n, g in grads.items()}
             norms[:, step] = layer_norms(grads, ctx.layer_of, ctx.n_layers)
-            bad = [ctx.layer_of[n] for n, g in grads.items() if not torch.isfinite(g).all()]
+            bad = non_finite_layers(grads, ctx.layer_of, norms[:, step])
             if bad:
                 raise NonFiniteError(
                     f"{self.name}: non-finite gradient at step {step}, layer(s) {sorted(set(bad))}, "
@@ -158,6 +158,13 @@ def layer_norms(grads: dict[str, torch.Tensor], layer_of: dict[str, int], n_laye
         if layer_of[n] >= 0:
             sq[layer_of[n]] += g.detach().float().pow(2).sum().cpu()
     return sq.sqrt()
+
+
+def non_finite_layers(grads: dict[str, torch.Tensor], layer_of: dict[str, int], norms: torch.Tensor) -> list[int]:
+    """Layers (-1: outside the blocks) with a non-finite gradient entry. A finite layer norm
+    proves its entries finite, so only layers whose norm is not finite are scanned."""
+    suspect = {n: g for n, g in grads.items() if layer_of[n] < 0 or not math.isfinite(norms[layer_of[n]])}
+    return sorted({layer_of[n] for n, g in suspect.items() if not torch.isfinite(g).all()})
 
 
 def clip(grads: dict[str, torch.Tensor], cfg: ProcessConfig, ctx: TrainContext, step: int):
