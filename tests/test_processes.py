@@ -160,6 +160,39 @@ def test_lingd_agrees_with_gd_to_first_order():
     assert gaps[1] < gaps[0] / 3
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lingd_gradient_equals_a_torch_func_reference(family):
+    """LinGD's step gradient at θ0 + Δ is Jᵀ·∇loss(f(θ0) + J·Δ): checked against torch.func's
+    jvp and vjp of the plain model (SDPA attention), away from θ0 where f_lin and f differ."""
+    from torch.func import functional_call, jvp, vjp
+
+    from iclgd.capture import math_mode
+    from iclgd.processes.base import token_loss
+
+    model = tiny_model(family)
+    proc = PROCESSES.get("lingd")()
+    ctx = TrainContext(model, DEMOS, ProcessConfig(name="lingd", lr=0.1), progress=False)
+    gen = torch.Generator().manual_seed(3)
+    delta = {n: torch.randn(p.shape, generator=gen) * 0.05 * (ctx.masks.get(n, 1)) for n, p in ctx.theta0.items()}
+    params = {n: (ctx.theta0[n] + delta[n]).requires_grad_(True) for n in delta}
+    ids = torch.tensor(DEMOS[2])
+    loss, got = proc.grads(ctx, params, [ids])
+
+    def f(p):
+        return functional_call(model, p, (ids[None],), {"use_cache": False}, strict=False).logits[0]
+
+    with math_mode(model):  # SDPA has no forward-mode derivative; math == SDPA is tested elsewhere
+        f0, jd = jvp(f, (ctx.theta0,), (delta,))
+    lin = (f0 + jd).requires_grad_(True)
+    want_loss = token_loss(lin, ids)
+    (g,) = torch.autograd.grad(want_loss, lin)
+    (want,) = vjp(f, ctx.theta0)[1](g)  # the backward runs through SDPA
+    torch.testing.assert_close(loss, want_loss.detach(), atol=1e-5, rtol=1e-5)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+    assert float(loss) != pytest.approx(float(token_loss(f(params), ids).detach()), abs=1e-4)  # f_lin != f here
+
+
 def _grads(seed=0):
     model = tiny_model("llama")
     ctx = TrainContext(model, DEMOS, ProcessConfig(name="gd", lr=0.1), progress=False)

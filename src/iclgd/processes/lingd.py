@@ -9,10 +9,9 @@ query is then evaluated with every recorded quantity linearized the same way.
 from __future__ import annotations
 
 import torch
-from torch.func import jvp
 
 from iclgd.capture import math_mode
-from iclgd.evaluate import EvalOptions, Record, evaluate
+from iclgd.evaluate import EvalOptions, Record, evaluate, first_order
 from iclgd.processes.base import Process, TrainContext, TrainResult, register_process, token_loss
 from iclgd.processes.gd import lm_logits
 
@@ -26,14 +25,15 @@ class LinGD(Process):
         total = torch.zeros(())
         grads = {n: torch.zeros_like(p) for n, p in theta0.items()}
         for ids in batch:
+            # One forward-mode pass gives f(θ0) and J·Δ; the primal keeps its graph to θ0, so
+            # Jᵀg is the backward of that same pass.
+            leaves = {n: p.detach().requires_grad_(True) for n, p in theta0.items()}
             with math_mode(model):  # SDPA has no forward-mode derivative on CPU
-                f0, jd = jvp(lambda p, ids=ids: lm_logits(model, p, ids), (theta0,), (delta,))
-            lin = (f0 + jd).detach().requires_grad_(True)  # [pos, vocab]
+                f0, jd = first_order(lambda p, ids=ids: {"logits": lm_logits(model, p, ids)}, leaves, delta)
+            lin = (f0["logits"] + jd["logits"]).detach().requires_grad_(True)  # [pos, vocab]
             loss = token_loss(lin, ids) / len(batch)
             (g_out,) = torch.autograd.grad(loss, lin)
-            leaves = {n: p.detach().requires_grad_(True) for n, p in theta0.items()}
-            surrogate = (lm_logits(model, leaves, ids) * g_out).sum()  # d/dθ at θ0 = Jᵀ g
-            for n, g in zip(names, torch.autograd.grad(surrogate, [leaves[n] for n in names])):
+            for n, g in zip(names, torch.autograd.grad(f0["logits"], [leaves[n] for n in names], g_out)):
                 grads[n] += g
             total = total + loss.detach()
         return total, grads
