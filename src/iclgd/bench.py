@@ -13,7 +13,7 @@ T new tokens attending to P cached ones costs 2·T·(matmul params inside the bl
 costs one activation-gradient matmul per frozen weight (1x its forward), two per trained k/v
 weight (input + weight gradient), 2x the attention (both operands carry gradients) and 1x the
 unembedding: a finer count than the usual "backward = 2x forward" upper bound. LinGD's floor is
-primal + tangent + backward per step (the code's extra primal for Jᵀg is not in the floor).
+primal + tangent + backward per step, which is what the code runs.
 The learning rate is fixed (the task's reference), so no lr search runs: each process trains once.
 """
 

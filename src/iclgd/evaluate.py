@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwad
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from iclgd.capture import Plan, capture, shared_prefix, supports_shared_prefix, use_iclgd_attention
+from iclgd.dual import first_order
 from iclgd.errors import IclgdError
 
 RECORD_AT = ("last", "label")
@@ -185,22 +185,6 @@ def evaluate(
         for j, i in enumerate(idx):
             results[i] = {k: v[j].float().cpu() for k, v in out.items()}
     return _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
-
-
-def first_order(fn, theta0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]):
-    """(fn(θ0), J_fn(θ0)·Δ) for `fn` mapping a parameter dict to a dict of tensors: one
-    forward-mode AD pass (dual numbers, `torch.autograd.forward_ad`), the same values as
-    `torch.func.jvp(fn, (θ0,), (Δ,))` (tested) with less per-op overhead. Outputs that do not
-    depend on θ get a zero tangent. Works under `no_grad`; if θ0 requires grad, the primal
-    outputs stay differentiable with respect to it.
-    """
-    with fwad.dual_level():
-        out = fn({n: fwad.make_dual(theta0[n], delta[n]) for n in theta0})
-        primal, tangent = {}, {}
-        for k, v in out.items():
-            p, t = fwad.unpack_dual(v)
-            primal[k], tangent[k] = p, (torch.zeros_like(p) if t is None else t)
-    return primal, tangent
 
 
 @contextlib.contextmanager

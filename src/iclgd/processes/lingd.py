@@ -1,9 +1,10 @@
 """LinGD: GD on the first-order Taylor model f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0) (SPEC §1).
 
-Both products with the Jacobian use standard AD, never a materialized J: the forward value
-J·Δ is one `torch.func.jvp` (forward mode, memory of one forward pass), and the gradient of the
-loss at f_lin is Jᵀ·g, one ordinary backward pass through f at θ0 with output gradient g. The
-query is then evaluated with every recorded quantity linearized the same way.
+Both products with the Jacobian use standard AD, never a materialized J: each step is one
+forward-mode pass at θ0 in the direction Δ = θ − θ0 (`iclgd.dual.first_order`, memory of about
+one forward pass) giving f(θ0) and J·Δ, and the gradient of the loss at f_lin, Jᵀ·g, is one
+ordinary backward through that pass's primal with output gradient g. The query is then
+evaluated with every recorded quantity linearized the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from iclgd.capture import math_mode
-from iclgd.evaluate import EvalOptions, Record, evaluate, first_order
+from iclgd.dual import first_order
+from iclgd.evaluate import EvalOptions, Record, evaluate
 from iclgd.processes.base import Process, TrainContext, TrainResult, register_process, token_loss
 from iclgd.processes.gd import lm_logits
 

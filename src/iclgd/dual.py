@@ -1,0 +1,69 @@
+"""First-order (forward-mode AD) evaluation of a function of the parameters, for LinGD.
+
+`first_order(fn, θ0, Δ)` returns fn(θ0) and the directional derivative J_fn(θ0)·Δ in one pass of
+dual numbers (`torch.autograd.forward_ad`). It gives the same values as `torch.func.jvp`
+(tested), faster:
+
+PyTorch's forward AD gives an operand without a tangent a zero tangent and still applies the
+product rule to it. For y = x·Wᵀ with a frozen W (every weight but the trained k/v) it computes
+x·0ᵀ, materializes the zeros and adds them to ẋ·Wᵀ; for x ⊙ c with a constant c (rotary cos/sin,
+norm weights) it goes through a slow zero-tensor path. While `first_order` runs, the
+`_ConstantOperands` mode applies linearity directly where exactly one operand carries a tangent:
+(x + εẋ)·Wᵀ = x·Wᵀ + ε·ẋ·Wᵀ and (x + εẋ) ⊙ c = x ⊙ c + ε·ẋ ⊙ c. The primal is computed by the
+same call as without the mode, so results are bit-identical (tested); the primal keeps its
+autograd graph, so a backward through it still works (LinGD's training step relies on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_MULS = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__})
+
+
+def _tangent(x) -> torch.Tensor | None:
+    return fwad.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None
+
+
+class _ConstantOperands(TorchFunctionMode):
+    """Dual × constant products without the zero tangent of the constant (module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            dx = _tangent(x)
+            if dx is not None and _tangent(w) is None and _tangent(b) is None:
+                return fwad.make_dual(F.linear(fwad.unpack_dual(x).primal, w, b), F.linear(dx, w))
+        elif func in _MULS and len(args) == 2 and not kwargs:
+            a, b = args
+            da, db = _tangent(a), _tangent(b)
+            if (da is None) != (db is None) and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                (x, dx), c = ((a, da), b) if da is not None else ((b, db), a)
+                return fwad.make_dual(fwad.unpack_dual(x).primal * c, dx * c)
+        return func(*args, **kwargs)
+
+
+def first_order(
+    fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    theta0: dict[str, torch.Tensor],
+    delta: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fn(θ0), J_fn(θ0)·Δ) for `fn` mapping a parameter dict to a dict of tensors.
+
+    Outputs that do not depend on θ get a zero tangent. Works under `no_grad`; if θ0 requires
+    grad, the primal outputs stay differentiable with respect to it.
+    """
+    with fwad.dual_level(), _ConstantOperands():
+        out = fn({n: fwad.make_dual(theta0[n], delta[n]) for n in theta0})
+        primal, tangent = {}, {}
+        for k, v in out.items():
+            p, t = fwad.unpack_dual(v)
+            primal[k], tangent[k] = p, (torch.zeros_like(p) if t is None else t)
+    return primal, tangent
