@@ -15,6 +15,7 @@ from iclgd.bench import (
     bench,
     eval_timer,
     forward_flops,
+    markdown,
     setting_flops,
 )
 from iclgd.experiment import RunConfig
@@ -118,7 +119,8 @@ def test_eval_timer_restores_the_processes():
     assert {n: PROCESSES.get(n).__dict__.get("evaluate") for n in PROCESSES.names()} == before
 
 
-def test_bench_end_to_end_on_a_tiny_model(tmp_path):
+def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # recorded, and named in the table
     cfg = RunConfig(task="sst2", seed=2, k=2, eval_cap=4, data_dir=str(SHARED_DATA), progress=False,
                     settings=("zsl", "icl", "gd", "lcgd", "lingd"))
     result = bench(cfg, loaded=tiny_loaded("llama"), out=tmp_path, matmul_n=256, matmul_reps=2, cache_n=4)
@@ -132,3 +134,13 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path):
     assert data["icl_cache"]["predictions_match"]
     assert data["tokens"]["n_eval"] == 4 and data["tokens"]["k"] == 2
     assert result["floor_s"] == pytest.approx(sum(s["floor_s"] for s in data["settings"].values()))
+    probes = [p["best"] for p in data["matmul"]["probes"]]
+    assert [p["before"] for p in data["matmul"]["probes"]] == [*data["settings"], "end"]
+    for i, row in enumerate(data["settings"].values()):  # each setting against the probes around it
+        assert row["matmul_flops"] == max(probes[i], probes[i + 1])
+        assert row["floor_s"] == pytest.approx(row["gflop"] * 1e9 / row["matmul_flops"])
+    assert data["matmul_flops"] == max(probes)
+    assert data["floor_ratio_at_run_peak"] >= data["floor_ratio"] * (1 - 1e-12)
+    assert "warning: OMP_WAIT_POLICY=PASSIVE" in result["table"]
+    data["machine"]["env"]["OMP_WAIT_POLICY"] = None
+    assert "warning" not in markdown(data)

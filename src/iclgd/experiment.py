@@ -13,6 +13,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -203,8 +204,11 @@ def prepare(cfg: RunConfig, loaded) -> Prepared:
     return Prepared(protocol, task, sel, demo_labels, prompts, eval_cap, separator, record_at, extra, n_icl)
 
 
-def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None) -> CellResult:
-    """Run one cell. `loaded` reuses an already loaded model; `out` writes the run folder."""
+def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None,
+        before_setting: Callable[[str], None] | None = None) -> CellResult:
+    """Run one cell. `loaded` reuses an already loaded model; `out` writes the run folder;
+    `before_setting(setting)` is called before each setting starts, outside its timing (the
+    bench measures the machine's matmul peak there)."""
     from iclgd.models import load_model
 
     settings = _ordered(cfg.settings)
@@ -236,6 +240,8 @@ def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None) -> CellRe
     results: dict[str, dict] = {}
     for setting in settings:
         name, _ = parse_setting(setting)
+        if before_setting is not None:
+            before_setting(setting)
         t0 = time.perf_counter()
         info: dict = {"process": None, "options": {}}
         with PeakMemory() as mem:
