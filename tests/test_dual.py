@@ -46,6 +46,7 @@ def test_first_order_equals_torch_func_jvp_on_every_recorded_quantity(family, gr
 CASES = {
     "linear, frozen weight": lambda x, w, b, c: F.linear(x, w),
     "linear, frozen weight and bias": lambda x, w, b, c: F.linear(x, w, b),
+    "linear, keyword arguments": lambda x, w, b, c: F.linear(input=x, weight=w, bias=b),
     "dual x tensor": lambda x, w, b, c: x * c,
     "tensor x dual, broadcast": lambda x, w, b, c: c[:1] * x,
     "torch.mul": lambda x, w, b, c: torch.mul(c, x),

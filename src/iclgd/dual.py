@@ -35,7 +35,7 @@ class _ConstantOperands(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
+        if func is F.linear and len(args) >= 2:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             dx = _tangent(x)

@@ -1,9 +1,9 @@
 """LinGD: GD on the first-order Taylor model f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0) (SPEC §1).
 
 Both products with the Jacobian use standard AD, never a materialized J: each step is one
-forward-mode pass at θ0 in the direction Δ = θ − θ0 (`iclgd.dual.first_order`, memory of about
-one forward pass) giving f(θ0) and J·Δ, and the gradient of the loss at f_lin, Jᵀ·g, is one
-ordinary backward through that pass's primal with output gradient g. The query is then
+forward-mode pass at θ0 in the direction Δ = θ − θ0 (`iclgd.dual.first_order`) giving f(θ0) and
+J·Δ, and the gradient of the loss at f_lin, Jᵀ·g, is one ordinary backward through that pass's
+primal (which keeps its autograd graph) with output gradient g. The query is then
 evaluated with every recorded quantity linearized the same way.
 """
 
