@@ -253,7 +253,7 @@ def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None,
                                prefix=prompts.icl_prefix(n_icl), desc="icl", **common)
                 info["options"] = {"n_demos": n_icl}
             else:
-                lr, lr_info = _learning_rate(cfg, protocol, task, setting, loaded, prompts, train_seqs)
+                lr, lr_info = _learning_rate(cfg, prep, setting, loaded, train_seqs)
                 pcfg = process_config(setting, lr, cfg.params)
                 ref = records["gd"].extras["grad_norms"] if "gd" in records else None
                 ctx = TrainContext(loaded.model, train_seqs, pcfg, reference_norms=ref, progress=cfg.progress)
@@ -284,8 +284,9 @@ def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
 
 
-def _learning_rate(cfg, protocol: Protocol, task: Task, setting, loaded, prompts, train_seqs):
+def _learning_rate(cfg, prep: Prepared, setting, loaded, train_seqs):
     """The lr for a process: the setting's own, the run's override, the task reference, or a search."""
+    protocol, task = prep.protocol, prep.task
     _, kv = parse_setting(setting)
     if "lr" in kv:
         return float(kv["lr"]), {"lr_source": "setting"}
@@ -298,20 +299,21 @@ def _learning_rate(cfg, protocol: Protocol, task: Task, setting, loaded, prompts
         raise unknown_name("lr source", source, ["search", "reference"])
     if source == "reference" or not train_seqs:
         return task.lr, {"lr_source": "reference"}
-    return search_lr(cfg, protocol, task, setting, loaded, prompts, train_seqs)
+    return search_lr(cfg, prep, setting, loaded, train_seqs)
 
 
-def search_lr(cfg, protocol: Protocol, task: Task, setting, loaded, prompts, train_seqs):
+def search_lr(cfg, prep: Prepared, setting, loaded, train_seqs):
     """Pick the lr (reference x grid) with the best held-out accuracy on train-split examples.
 
     The held-out slice comes from the demo split, disjoint from the demonstrations and never the
     eval set (SPEC §6.4-5). Ties go to the multiple closest to 1.
     """
     name, _ = parse_setting(setting)
+    protocol, task = prep.protocol, prep.task
     pool = held_out(task, cfg.seed, cfg.k, protocol.lr_search_n, cfg.data_dir, source=cfg.data_source)
 
     held = build_prompts(loaded.tokenizer, task, Selection(demos=(), eval=tuple(pool)),
-                         separator=cfg.separator or protocol.separator)
+                         separator=prep.separator)
     gold = [e.label for e in pool]
     quiet = EvalOptions(batch_size=cfg.batch_size, progress=False)
     scores = {}

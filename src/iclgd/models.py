@@ -254,8 +254,7 @@ def load_model(
     """Load `name`: an embedded alias (`MODEL_ALIASES`), a local model folder, a `.gguf` file,
     or a Hugging Face Hub id, tried in that order. The model is in eval mode, on `device` ("cpu",
     "cuda", "cuda:1", ..., or "auto": `device_map="auto"` across the GPUs for a model too large
-    for one), in
-    `dtype` ("float32", "bfloat16", "float16"), with every parameter frozen. A name that
+    for one), in `dtype` ("float32", "bfloat16", "float16"), with every parameter frozen. A name that
     matches nothing raises UnknownNameError saying what was tried and why each failed."""
     if dtype not in DTYPES:
         raise unknown_name("dtype", dtype, list(DTYPES))

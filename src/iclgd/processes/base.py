@@ -132,7 +132,7 @@ class Process:
             bad = non_finite_layers(grads, ctx.layer_of, norms[:, step])
             if bad:
                 raise NonFiniteError(
-                    f"{self.name}: non-finite gradient at step {step}, layer(s) {sorted(set(bad))}, "
+                    f"{self.name}: non-finite gradient at step {step}, layer(s) {bad}, "
                     f"with lr {cfg.lr}; lower the learning rate or enable clipping"
                 )
             grads = clip(grads, cfg, ctx, step)
