@@ -1,5 +1,7 @@
 """`dual.first_order` against torch.func.jvp and plain forward-mode AD."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwad
@@ -52,7 +54,18 @@ CASES = {
     "torch.mul": lambda x, w, b, c: torch.mul(c, x),
     "Tensor.mul": lambda x, w, b, c: x.mul(c),
     "dual x dual": lambda x, w, b, c: x * x,
-    "dual x number": lambda x, w, b, c: 3.0 * x,
+    "number x dual": lambda x, w, b, c: 3.0 * x,
+    "dual x number": lambda x, w, b, c: x * 0.125,
+    "torch.mul(dual, number)": lambda x, w, b, c: torch.mul(x, 0.125),
+    "dual + number": lambda x, w, b, c: x + 1e-6,
+    "number + dual": lambda x, w, b, c: 2 + x,
+    "torch.add(dual, number)": lambda x, w, b, c: torch.add(x, 0.5),
+    "torch.add with alpha": lambda x, w, b, c: torch.add(x, c, alpha=2.0),
+    "dual - number": lambda x, w, b, c: x - 0.5,
+    "number - dual": lambda x, w, b, c: 1.0 - x,
+    "dual / number": lambda x, w, b, c: x / 30.0,
+    "number / dual (not linear)": lambda x, w, b, c: 1.0 / x,
+    "in place after + number": lambda x, w, b, c: (x + 1.0).mul_(c),
 }
 
 
@@ -78,6 +91,51 @@ def test_constant_operand_shortcuts_match_plain_forward_ad_and_keep_the_primal_g
         results.append((p.detach(), t.detach(), g))
     for a, b_ in zip(*results):
         torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-6)
+
+
+SHORTCUTS = ["linear, frozen weight", "linear, frozen weight and bias", "dual x tensor", "tensor x dual, broadcast",
+             "number x dual", "dual x number", "dual + number", "number + dual", "dual - number", "dual / number"]
+
+
+@pytest.mark.parametrize("case", SHORTCUTS)
+def test_shortcuts_materialize_no_zero_tangent(case):
+    """What the shortcuts are for: without the mode each of these builds a zero tangent for its
+    constant operand (checked, so the test can fail); with it, none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(2)
+    x0, dx = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    w, b, c = torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    zeros = {}
+    for use_mode in (False, True):
+        with fwad.dual_level():
+            x = fwad.make_dual(x0, dx)
+            with Ops() as ops, (_ConstantOperands() if use_mode else contextlib.nullcontext()):
+                CASES[case](x, w, b, c)
+        zeros[use_mode] = [n for n in ops.names if "zero" in n]
+    assert zeros[False] and not zeros[True]
+
+
+def test_shortcut_outputs_do_not_share_a_tangent_with_their_input():
+    """y = x + c gets its own tangent: changing y in place leaves x's tangent alone."""
+    x0, dx = torch.randn(3), torch.randn(3)
+    with fwad.dual_level(), _ConstantOperands():
+        x = fwad.make_dual(x0, dx.clone())
+        y = x + 1.0
+        y.mul_(torch.full((3,), 5.0))
+        x_t = fwad.unpack_dual(x).tangent
+        y_t = fwad.unpack_dual(y).tangent
+    torch.testing.assert_close(x_t, dx)
+    torch.testing.assert_close(y_t, 5 * dx)
 
 
 def test_first_order_gives_zero_tangents_to_outputs_that_do_not_depend_on_theta():

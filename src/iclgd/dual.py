@@ -9,7 +9,8 @@ product rule to it. For y = x·Wᵀ with a frozen W (every weight but the traine
 x·0ᵀ, materializes the zeros and adds them to ẋ·Wᵀ; for x ⊙ c with a constant c (rotary cos/sin,
 norm weights) it goes through a slow zero-tensor path. While `first_order` runs, the
 `_ConstantOperands` mode applies linearity directly where exactly one operand carries a tangent:
-(x + εẋ)·Wᵀ = x·Wᵀ + ε·ẋ·Wᵀ and (x + εẋ) ⊙ c = x ⊙ c + ε·ẋ ⊙ c. The primal is computed by the
+(x + εẋ)·Wᵀ = x·Wᵀ + ε·ẋ·Wᵀ and (x + εẋ) ⊙ c = x ⊙ c + ε·ẋ ⊙ c; likewise for +, −, ÷ with a
+Python number (the attention scaling, a norm's epsilon). The primal is computed by the
 same call as without the mode, so results are bit-identical (tested); the primal keeps its
 autograd graph, so a backward through it still works (LinGD's training step relies on it).
 """
@@ -24,6 +25,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _MULS = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__})
+# Arithmetic with a Python number: the number becomes a wrapped 0-d tensor with a zero tangent,
+# which sends the op through the zero-tensor path (scores · scaling, variance + eps, x / softcap).
+_SCALAR_OPS = {
+    torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "radd",
+    torch.sub: "sub", torch.Tensor.sub: "sub", torch.Tensor.__sub__: "sub",
+    torch.div: "div", torch.Tensor.div: "div", torch.Tensor.__truediv__: "div",
+}
 
 
 def _tangent(x) -> torch.Tensor | None:
@@ -44,10 +52,29 @@ class _ConstantOperands(TorchFunctionMode):
         elif func in _MULS and len(args) == 2 and not kwargs:
             a, b = args
             da, db = _tangent(a), _tangent(b)
-            if (da is None) != (db is None) and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if (da is None) != (db is None) and _constant(a if da is None else b):
                 (x, dx), c = ((a, da), b) if da is not None else ((b, db), a)
                 return fwad.make_dual(fwad.unpack_dual(x).primal * c, dx * c)
+        elif func in _SCALAR_OPS and len(args) == 2 and not kwargs and _is_number(args[1]):
+            x, c = args
+            dx = _tangent(x)
+            if dx is not None:
+                p, op = fwad.unpack_dual(x).primal, _SCALAR_OPS[func]
+                if op in ("add", "radd"):
+                    return fwad.make_dual(p + c, dx.clone())
+                if op == "sub":
+                    return fwad.make_dual(p - c, dx.clone())
+                return fwad.make_dual(p / c, dx / c)
         return func(*args, **kwargs)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _constant(x) -> bool:
+    """A tensor without a tangent, or a Python number."""
+    return isinstance(x, torch.Tensor) or _is_number(x)
 
 
 def first_order(
