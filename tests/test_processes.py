@@ -300,3 +300,42 @@ def test_bad_process_config_errors():
         ProcessConfig(name="gd", lr=0.1, clip="l3")
     with pytest.raises(IclgdError, match="learning rate"):
         ProcessConfig(name="gd", lr=float("nan"))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_lcgd_exit_loss_equals_cross_entropy_in_value_and_gradient(bias, softcap):
+    """The fused exit loss (float32, no softcap) and its fallback against F.cross_entropy."""
+    from iclgd.processes.lcgd import exit_loss
+
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 300, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(300, 16, generator=gen))
+        if bias:
+            head.bias.copy_(torch.randn(300, generator=gen))
+    params = {n: p.detach() for n, p in head.named_parameters()}
+    x0 = torch.randn(40, 16, generator=gen) * 3
+    targets = torch.randint(0, 300, (40,), generator=gen)
+    x = x0.clone().requires_grad_(True)
+    got = exit_loss(x, head, params, targets, softcap)
+    (g_got,) = torch.autograd.grad(got * 0.7, x)
+    ref_x = x0.clone().requires_grad_(True)
+    logits = head(ref_x)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (g_want,) = torch.autograd.grad(want * 0.7, ref_x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_lcgd_fused_exit_loss_refuses_a_second_backward():
+    from iclgd.processes.lcgd import exit_loss
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    loss = exit_loss(x, head, {"weight": head.weight.detach()}, torch.arange(5))
+    torch.autograd.grad(loss, x, retain_graph=True)
+    with pytest.raises(IclgdError, match="once"):
+        torch.autograd.grad(loss, x)

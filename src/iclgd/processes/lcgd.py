@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from iclgd import arch
@@ -72,9 +73,55 @@ def layer_causal(model, exit: str):
 
 
 # Exits go through the frozen norm and head a few layers at a time, each group's logits at most
-# this large; every group is back-propagated at once, so its vocabulary-sized tensors are freed
-# before the next (the groups' graphs are disjoint: each block's input is detached).
-EXIT_CHUNK_BYTES = 64 * 2**20
+# this large; every group is back-propagated at once, so its vocabulary-sized buffer is freed
+# before the next (the groups' graphs are disjoint: each block's input is detached). With the
+# fused loss below a group holds one such buffer; a ~30-token demonstration of a 30-layer model
+# with a 49k vocabulary fits in one group, so the head's products run on ~900 rows at once.
+EXIT_CHUNK_BYTES = 192 * 2**20
+
+
+class _ExitCrossEntropy(torch.autograd.Function):
+    """Σ_rows cross-entropy(x·Wᵀ + b, target) for a frozen head W, b, differentiable in x only.
+
+    The logits buffer becomes the softmax in place (one exp per entry) and is kept as the
+    gradient buffer, where `F.cross_entropy` keeps logits, log-probabilities, a zero-filled
+    one-hot gradient and the log-softmax gradient, and takes a second exp in its backward.
+    The buffer is consumed by the one backward, so the graph cannot be retained.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets):
+        probs = F.linear(x, weight, bias)  # [rows, vocab] logits, overwritten below
+        picked = probs.gather(1, targets[:, None])  # [rows, 1]
+        top = probs.amax(1, keepdim=True)
+        probs.sub_(top).exp_()
+        total = probs.sum(1, keepdim=True)
+        probs.div_(total)
+        ctx.save_for_backward(probs, weight, targets)
+        ctx.consumed = False
+        return (top + total.log() - picked).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.consumed:
+            raise IclgdError("the LCGD exit loss can be back-propagated once (its buffer is reused)")
+        ctx.consumed = True
+        probs, weight, targets = ctx.saved_tensors
+        probs[torch.arange(len(targets), device=probs.device), targets] -= 1  # softmax - one-hot
+        return probs.mul_(grad) @ weight, None, None, None
+
+
+def exit_loss(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor], targets: torch.Tensor,
+              softcap: float | None = None) -> torch.Tensor:
+    """Σ_rows cross-entropy of the frozen `head` (with `params`) at x [rows, d_model]. The fused
+    loss runs for a float32 linear head without soft-capping; otherwise `F.cross_entropy`."""
+    if isinstance(head, nn.Linear) and softcap is None and x.dtype == torch.float32:
+        return _ExitCrossEntropy.apply(x, params["weight"], params.get("bias"), targets)
+    logits = functional_call(head, params, (x,))
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 @register_process("lcgd")
@@ -97,17 +144,14 @@ class LCGD(Process):
             step = max(1, EXIT_CHUNK_BYTES // per_layer)
             for start in range(0, len(exits), step):
                 h = torch.cat(exits[start : start + step], dim=0)[:, :-1]  # [layers, pos - 1, d_model]
-                logits = functional_call(head, frozen["head"], (functional_call(norm, frozen["norm"], (h,)),))
-                if softcap is not None:
-                    logits = torch.tanh(logits / softcap) * softcap
+                x = functional_call(norm, frozen["norm"], (h,)).flatten(0, 1)
                 # the sum over these layers of each exit's mean token loss
-                part = F.cross_entropy(logits.flatten(0, 1), ids[1:].repeat(len(h)), reduction="sum")
-                part = part / n_pos / len(batch)
+                part = exit_loss(x, head, frozen["head"], ids[1:].repeat(len(h)), softcap) / n_pos / len(batch)
                 for n, g in zip(names, torch.autograd.grad(part, [params[n] for n in names], allow_unused=True)):
                     if g is not None:
                         grads[n] += g
                 loss += part.detach()
-                del logits, part
+                del part
         return loss, grads
 
 
