@@ -304,8 +304,10 @@ def test_bad_process_config_errors():
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_lcgd_exit_loss_equals_cross_entropy_in_value_and_gradient(bias, softcap):
-    """The fused exit loss (float32, no softcap) and its fallback against F.cross_entropy."""
+@pytest.mark.parametrize("buffer", [False, True])
+def test_lcgd_exit_loss_equals_cross_entropy_in_value_and_gradient(bias, softcap, buffer):
+    """The fused exit loss (float32, no softcap; in a fresh or a reused, larger, dirty buffer)
+    and its fallback against F.cross_entropy."""
     from iclgd.processes.lcgd import exit_loss
 
     gen = torch.Generator().manual_seed(3)
@@ -318,7 +320,8 @@ def test_lcgd_exit_loss_equals_cross_entropy_in_value_and_gradient(bias, softcap
     x0 = torch.randn(40, 16, generator=gen) * 3
     targets = torch.randint(0, 300, (40,), generator=gen)
     x = x0.clone().requires_grad_(True)
-    got = exit_loss(x, head, params, targets, softcap)
+    out = torch.full((57, 300), float("nan")) if buffer else None
+    got = exit_loss(x, head, params, targets, softcap, out=out)
     (g_got,) = torch.autograd.grad(got * 0.7, x)
     ref_x = x0.clone().requires_grad_(True)
     logits = head(ref_x)

@@ -86,12 +86,19 @@ class _ExitCrossEntropy(torch.autograd.Function):
     The logits buffer becomes the softmax in place (one exp per entry) and is kept as the
     gradient buffer, where `F.cross_entropy` keeps logits, log-probabilities, a zero-filled
     one-hot gradient and the log-softmax gradient, and takes a second exp in its backward.
-    The buffer is consumed by the one backward, so the graph cannot be retained.
+    The buffer is consumed by the one backward, so the graph cannot be retained. `out`, if given,
+    is a [>= rows, vocab] buffer to reuse (fresh pages for every step's ~100 MB cost page faults).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets):
-        probs = F.linear(x, weight, bias)  # [rows, vocab] logits, overwritten below
+    def forward(ctx, x, weight, bias, targets, out=None):
+        probs = None if out is None else out[: len(x)]
+        if probs is None:
+            probs = F.linear(x, weight, bias)  # [rows, vocab] logits, overwritten below
+        elif bias is None:
+            torch.mm(x, weight.t(), out=probs)
+        else:
+            torch.addmm(bias, x, weight.t(), out=probs)
         picked = probs.gather(1, targets[:, None])  # [rows, 1]
         top = probs.amax(1, keepdim=True)
         probs.sub_(top).exp_()
@@ -109,15 +116,16 @@ class _ExitCrossEntropy(torch.autograd.Function):
         ctx.consumed = True
         probs, weight, targets = ctx.saved_tensors
         probs[torch.arange(len(targets), device=probs.device), targets] -= 1  # softmax - one-hot
-        return probs.mul_(grad) @ weight, None, None, None
+        return probs.mul_(grad) @ weight, None, None, None, None
 
 
 def exit_loss(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor], targets: torch.Tensor,
-              softcap: float | None = None) -> torch.Tensor:
+              softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_rows cross-entropy of the frozen `head` (with `params`) at x [rows, d_model]. The fused
-    loss runs for a float32 linear head without soft-capping; otherwise `F.cross_entropy`."""
+    loss runs for a float32 linear head without soft-capping (reusing `out` as its buffer if
+    given); otherwise `F.cross_entropy`."""
     if isinstance(head, nn.Linear) and softcap is None and x.dtype == torch.float32:
-        return _ExitCrossEntropy.apply(x, params["weight"], params.get("bias"), targets)
+        return _ExitCrossEntropy.apply(x, params["weight"], params.get("bias"), targets, out)
     logits = functional_call(head, params, (x,))
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
@@ -146,13 +154,21 @@ class LCGD(Process):
                 h = torch.cat(exits[start : start + step], dim=0)[:, :-1]  # [layers, pos - 1, d_model]
                 x = functional_call(norm, frozen["norm"], (h,)).flatten(0, 1)
                 # the sum over these layers of each exit's mean token loss
-                part = exit_loss(x, head, frozen["head"], ids[1:].repeat(len(h)), softcap) / n_pos / len(batch)
+                part = exit_loss(x, head, frozen["head"], ids[1:].repeat(len(h)), softcap,
+                                 out=self._buffer(len(x), head.weight)) / n_pos / len(batch)
                 for n, g in zip(names, torch.autograd.grad(part, [params[n] for n in names], allow_unused=True)):
                     if g is not None:
                         grads[n] += g
                 loss += part.detach()
                 del part
         return loss, grads
+
+    def _buffer(self, rows: int, weight: torch.Tensor) -> torch.Tensor:
+        """The exit logits buffer, kept across groups and steps and grown to the longest need."""
+        buf = getattr(self, "_exit_buf", None)
+        if buf is None or buf.shape[0] < rows or buf.device != weight.device or buf.dtype != weight.dtype:
+            buf = self._exit_buf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return buf
 
 
 def _frozen_exit_params(model, params) -> dict[str, dict[str, torch.Tensor]]:
