@@ -13,11 +13,13 @@ from iclgd.bench import (
     attn_flops,
     backward_flops,
     bench,
+    best_of,
     eval_timer,
     forward_flops,
     markdown,
     setting_flops,
 )
+from iclgd.errors import IclgdError
 from iclgd.experiment import RunConfig
 from iclgd.processes import PROCESSES
 
@@ -144,3 +146,30 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert "warning: OMP_WAIT_POLICY=PASSIVE" in result["table"]
     data["machine"]["env"]["OMP_WAIT_POLICY"] = None
     assert "warning" not in markdown(data)
+
+
+def test_best_of_takes_each_settings_fastest_wall_against_the_best_peak():
+    row = dict(gflop=10.0, eval_gflop=8.0, accuracy=0.5)
+    runs = [{"zsl": {**row, "wall_s": 4.0, "matmul_flops": 5e9, "train_s": 0.0, "eval_s": 4.0, "peak_mem_mb": 100},
+             "gd": {**row, "wall_s": 6.0, "matmul_flops": 4e9, "train_s": 1.0, "eval_s": 5.0, "peak_mem_mb": 300}},
+            {"zsl": {**row, "wall_s": 5.0, "matmul_flops": 8e9, "train_s": 0.0, "eval_s": 5.0, "peak_mem_mb": 200},
+             "gd": {**row, "wall_s": 3.0, "matmul_flops": 2e9, "train_s": 0.5, "eval_s": 2.5, "peak_mem_mb": 250}}]
+    best = best_of(runs)
+    assert best["zsl"]["wall_s"] == 4.0 and best["zsl"]["matmul_flops"] == 8e9  # fastest wall, strictest floor
+    assert best["zsl"]["floor_ratio"] == pytest.approx(4.0 / (10e9 / 8e9))
+    assert best["gd"]["wall_s"] == 3.0 and best["gd"]["train_s"] == 0.5 and best["gd"]["matmul_flops"] == 4e9
+    assert best["zsl"]["peak_mem_mb"] == 200 and best["gd"]["peak_mem_mb"] == 300  # the largest memory
+
+
+def test_bench_repeats_report_every_run_and_the_best(tmp_path):
+    cfg = RunConfig(task="sst2", seed=2, k=2, eval_cap=4, data_dir=str(SHARED_DATA), progress=False,
+                    settings=("zsl", "gd"))
+    result = bench(cfg, loaded=tiny_loaded("llama"), out=tmp_path, matmul_n=128, matmul_reps=1, cache_n=2, repeat=2)
+    assert result["repeat"] == 2 and len(result["repeats"]) == 2
+    assert [p["repeat"] for p in result["matmul"]["probes"]] == [0, 0, 0, 1, 1, 1]
+    for s, row in result["settings"].items():
+        assert row["wall_s"] == min(r["settings"][s]["wall_s"] for r in result["repeats"])
+        assert row["floor_s"] <= min(r["settings"][s]["floor_s"] for r in result["repeats"]) + 1e-12
+    assert "best of 2 repeats" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(IclgdError, match="repeat"):
+        bench(cfg, loaded=tiny_loaded("llama"), repeat=0)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--k", type=int, default=32)
     b.add_argument("--settings", default="zsl,icl,gd,lcgd,lingd")
     b.add_argument("--out", default="bench")
+    b.add_argument("--repeat", type=int, default=1,
+                   help="run the cell N times; report each setting's fastest run (every run is kept)")
 
     sub.add_parser("tasks", help="list the built-in tasks")
     sub.add_parser("models", help="list the embedded model aliases")
