@@ -342,3 +342,8 @@ def test_lcgd_fused_exit_loss_refuses_a_second_backward():
     torch.autograd.grad(loss, x, retain_graph=True)
     with pytest.raises(IclgdError, match="once"):
         torch.autograd.grad(loss, x)
+
+
+def test_lcgd_releases_its_exit_buffer_after_training():
+    proc, _, result = train(tiny_model("llama"), "lcgd")
+    assert getattr(proc, "_exit_buf", None) is None and all(torch.isfinite(d).all() for d in result.delta.values())

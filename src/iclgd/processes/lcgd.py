@@ -19,7 +19,7 @@ from torch.func import functional_call
 from iclgd import arch
 from iclgd.errors import IclgdError
 from iclgd.evaluate import NO_LOGITS
-from iclgd.processes.base import Process, TrainContext, register_process
+from iclgd.processes.base import Process, TrainContext, TrainResult, register_process
 
 EXITS = ("block", "attn")
 
@@ -162,6 +162,12 @@ class LCGD(Process):
                 loss += part.detach()
                 del part
         return loss, grads
+
+    def train(self, ctx: TrainContext) -> TrainResult:
+        try:
+            return super().train(ctx)
+        finally:
+            self._exit_buf = None  # the exit buffer lives for one training run only
 
     def _buffer(self, rows: int, weight: torch.Tensor) -> torch.Tensor:
         """The exit logits buffer, kept across groups and steps and grown to the longest need."""
