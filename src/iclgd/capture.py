@@ -100,12 +100,10 @@ class _Session:
         self.captured = Captured([None] * n, [None] * n, [None] * n)
 
 
-def _by_kv_head(query: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """[batch, head, q, d] -> [batch, kv_head, group * q, d]: the query heads that share a
-    key/value head (heads kv·g .. kv·g + g - 1, as transformers repeats them) become rows of one
-    product, so keys and values are never repeated per head."""
-    b, n_heads, q_len, d = query.shape
-    return query.reshape(b, n_kv, n_heads // n_kv * q_len, d)
+def _expand_kv(key: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, kv_head, k_pos, d_head] -> [batch, head, k_pos, d_head] (grouped-query heads)."""
+    groups = n_heads // key.shape[1]
+    return key if groups == 1 else key.repeat_interleave(groups, dim=1)
 
 
 def _mask_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -140,8 +138,8 @@ def _record_scores(
     batch = torch.arange(b, device=query.device)
     rec = plan.record_pos.to(query.device)  # [batch], chunk coordinates
     q_rec = query[batch, :, rec]  # [batch, head, d_head]
-    scores = (_by_kv_head(q_rec[:, :, None], key.shape[1]) @ key.transpose(-1, -2))  # [batch, kv, group, k_pos]
-    scores = scores.reshape(b, n_heads, k_len) * scaling  # [batch, head, k_pos]
+    keys = _expand_kv(key, n_heads)  # [batch, head, k_pos, d_head]
+    scores = torch.einsum("bhd,bhkd->bhk", q_rec, keys) * scaling  # [batch, head, k_pos]
     if sess.softcap is not None:
         scores = torch.tanh(scores / sess.softcap) * sess.softcap
     if attention_mask is None:  # causal: the recording row sees keys up to itself
@@ -175,16 +173,14 @@ def math_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scaling + mask)·v, differentiable in both AD modes. Returns [batch, q, head, d_head]."""
-    b, n_heads, q_len, d = query.shape
-    n_kv, k_len = key.shape[1], key.shape[2]
-    scores = _by_kv_head(query, n_kv) @ key.transpose(-1, -2)  # [batch, kv_head, group * q, k_pos]
-    scores = scores.view(b, n_heads, q_len, k_len) * scaling
+    n_heads = query.shape[1]
+    scores = query @ _expand_kv(key, n_heads).transpose(-1, -2) * scaling  # [batch, head, q, k_pos]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = _mask_scores(scores, attention_mask)
     probs = torch.softmax(scores, dim=-1)
-    out = probs.view(b, n_kv, -1, k_len) @ value  # [batch, kv_head, group * q, d_head]
-    return out.view(b, n_heads, q_len, d).transpose(1, 2).contiguous()
+    out = probs @ _expand_kv(value, n_heads)  # [batch, head, q, d_head]
+    return out.transpose(1, 2).contiguous()
 
 
 def prefix_attention(
