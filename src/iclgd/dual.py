@@ -31,7 +31,7 @@ _POWS = frozenset({torch.pow, torch.Tensor.pow, torch.Tensor.__pow__})
 # Arithmetic with a Python number: the number becomes a wrapped 0-d tensor with a zero tangent,
 # which sends the op through the zero-tensor path (scores · scaling, variance + eps, x / softcap).
 _SCALAR_OPS = {
-    torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "radd",
+    torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
     torch.sub: "sub", torch.Tensor.sub: "sub", torch.Tensor.__sub__: "sub",
     torch.div: "div", torch.Tensor.div: "div", torch.Tensor.__truediv__: "div",
 }
@@ -71,11 +71,9 @@ class _ConstantOperands(TorchFunctionMode):
             dx = _tangent(x)
             if dx is not None:
                 p, op = fwad.unpack_dual(x).primal, _SCALAR_OPS[func]
-                if op in ("add", "radd"):
-                    return fwad.make_dual(p + c, dx.clone())
-                if op == "sub":
-                    return fwad.make_dual(p - c, dx.clone())
-                return fwad.make_dual(p / c, dx / c)
+                if op == "div":
+                    return fwad.make_dual(p / c, dx / c)
+                return fwad.make_dual(p + c if op == "add" else p - c, dx.clone())  # own tangent
         return func(*args, **kwargs)
 
 
