@@ -6,17 +6,14 @@ import torch
 from torch.func import jvp
 
 from iclgd import arch
-from iclgd import capture as capture_mod
-from iclgd.capture import (
-    Plan,
+from iclgd import attention as attention_mod
+from iclgd.attention import (
     _prefix_attention_flash,
     _prefix_attention_scores,
-    capture,
-    has_capture_leftovers,
     math_attention,
     prefix_attention,
-    use_iclgd_attention,
 )
+from iclgd.capture import Plan, capture, has_capture_leftovers, use_iclgd_attention
 from iclgd.evaluate import EvalOptions, evaluate, pad_right, run_captured
 
 from tiny import FAMILIES, tiny_model
@@ -140,8 +137,8 @@ def test_prefix_attention_equals_math_attention_on_the_repeated_prefix(mask_kind
 def test_prefix_attention_takes_the_fused_path_only_where_it_applies(monkeypatch):
     """Dispatch: fused flash for an open prefix without softcap; explicit scores otherwise."""
     calls = []
-    monkeypatch.setattr(capture_mod, "_prefix_attention_flash", lambda *a: calls.append("flash") or a[0].transpose(1, 2))
-    monkeypatch.setattr(capture_mod, "_prefix_attention_scores", lambda *a: calls.append("scores") or a[0].transpose(1, 2))
+    monkeypatch.setattr(attention_mod, "_prefix_attention_flash", lambda *a: calls.append("flash") or a[0].transpose(1, 2))
+    monkeypatch.setattr(attention_mod, "_prefix_attention_scores", lambda *a: calls.append("scores") or a[0].transpose(1, 2))
     b, q, p = 2, 3, 5
     x, pk = torch.randn(b, 4, q, 8), torch.randn(1, 2, p, 8)
     kv = torch.randn(b, 2, q, 8)

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from iclgd.capture import Plan, capture, shared_prefix, supports_shared_prefix, use_iclgd_attention
+from iclgd.compat import cache_kwargs, output_cache
 from iclgd.dual import first_order
 from iclgd.errors import IclgdError
 
@@ -101,7 +102,7 @@ def run_captured(model, params, input_ids, attention_mask, plan: Plan, past=None
     # positions (an empty index), which also keeps forward-mode AD off the vocabulary matrix.
     kwargs = dict(attention_mask=attention_mask, logits_to_keep=NO_LOGITS)
     if past is not None:
-        kwargs.update(past_key_values=past, use_cache=True)
+        kwargs.update(cache_kwargs(model, past), use_cache=True)
     else:
         kwargs.update(use_cache=False)
     with capture(model, plan) as cap:
@@ -118,7 +119,7 @@ def encode_prefix(model, prefix: Sequence[int], params=None):
     kwargs = dict(use_cache=True, logits_to_keep=NO_LOGITS)
     with torch.no_grad():
         out = functional_call(model, params, (ids,), kwargs, strict=False) if params else model(ids, **kwargs)
-    return out.past_key_values
+    return output_cache(out)
 
 
 def evaluate(
