@@ -7,21 +7,18 @@ import pytest
 import torch
 import transformers as tf
 
-from iclgd.bench import (
+from iclgd import processes
+from iclgd.bench import bench, best_of, markdown
+from iclgd.errors import IclgdError
+from iclgd.experiment import RunConfig
+from iclgd.flops import (
     CellTokens,
     ModelDims,
     attn_flops,
     backward_flops,
-    bench,
-    best_of,
-    eval_timer,
     forward_flops,
-    markdown,
     setting_flops,
 )
-from iclgd.errors import IclgdError
-from iclgd.experiment import RunConfig
-from iclgd.processes import PROCESSES
 
 from conftest import SHARED_DATA
 from tiny import tiny_loaded
@@ -114,11 +111,12 @@ def test_lingd_floor_exceeds_gd_and_lcgd_pays_for_exits(one_layer):
     assert lc["eval"] == gd["eval"]
 
 
-def test_eval_timer_restores_the_processes():
-    before = {n: PROCESSES.get(n).__dict__.get("evaluate") for n in PROCESSES.names()}
-    with eval_timer():
-        assert all(PROCESSES.get(n).__dict__.get("evaluate") is not before[n] for n in PROCESSES.names())
-    assert {n: PROCESSES.get(n).__dict__.get("evaluate") for n in PROCESSES.names()} == before
+def test_a_process_without_a_flop_model_says_so(one_layer):
+    class NoFloor(processes.Process):
+        name = "nofloor"
+
+    with pytest.raises(NotImplementedError, match="no FLOP model"):
+        NoFloor().train_flops(ModelDims.of(one_layer), 8)
 
 
 def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
@@ -134,6 +132,9 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     numbers = [data[k] for k in REQUIRED if k != "peak_mem_mb"] + list(data["peak_mem_mb"].values())
     assert all(math.isfinite(x) and x > 0 for x in numbers)
     assert data["icl_cache"]["predictions_match"]
+    for s, row in data["settings"].items():  # train/eval split read from the run's own timing
+        assert row["train_s"] + row["eval_s"] == pytest.approx(row["wall_s"])
+        assert (row["train_s"] > 0) == (s not in ("zsl", "icl"))
     assert data["tokens"]["n_eval"] == 4 and data["tokens"]["k"] == 2
     assert result["floor_s"] == pytest.approx(sum(s["floor_s"] for s in data["settings"].values()))
     probes = [p["best"] for p in data["matmul"]["probes"]]

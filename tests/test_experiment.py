@@ -8,9 +8,10 @@ import torch
 
 from iclgd import metrics
 from iclgd.cli import main
-from iclgd.errors import IclgdError, PromptError, UnknownNameError
+from iclgd.errors import IclgdError, PromptError
 from iclgd.evaluate import Record
-from iclgd.experiment import RunConfig, parse_setting, process_config, run, split_settings
+from iclgd.experiment import RunConfig, run
+from iclgd.plan import PlanError, resolve_cell, split_settings
 from iclgd.protocols import Protocol
 from iclgd.runfolder import safe_name
 
@@ -91,19 +92,21 @@ def test_lr_search_uses_held_out_train_examples(loaded):
     cfg = RunConfig(settings=("gd",), protocol=proto, **{**FAST, "lr": None})
     cell = run(cfg, loaded=loaded)
     opts = cell.results["gd"]["options"]
-    assert opts["lr_source"] == "search" and set(opts["lr_search"]) == {"0.1", "1.0"}
-    assert opts["lr"] in (5e-4 * 0.1, 5e-4 * 1.0)
+    assert opts["lr_source"] == "search" and set(opts["lr_search"]) == {"5e-05", "0.0005"}
+    assert opts["lr"] in (5e-4 * 0.1, 5e-4 * 1.0) and cell.results["gd"]["lr"] == opts["lr"]
 
 
 def test_settings_parsing():
     assert split_settings("zsl,icl,lcgd[clip=layer_l2:1,exit=attn]") == ["zsl", "icl", "lcgd[clip=layer_l2:1,exit=attn]"]
-    assert parse_setting("lcgd[exit=attn]") == ("lcgd", {"exit": "attn"})
-    cfg = process_config("gd[clip=value:12,lr=1e-3,full_batch=1]", 0.5, "kv")
-    assert (cfg.clip, cfg.clip_value, cfg.lr, cfg.full_batch) == ("value", 12.0, 1e-3, True)
-    with pytest.raises(UnknownNameError, match="did you mean 'lcgd'"):
-        parse_setting("lcdg")
-    with pytest.raises(IclgdError, match="takes no options"):
-        parse_setting("zsl[lr=1]")
+    plan = resolve_cell(RunConfig(settings="lcgd[exit=attn],gd[clip=value:12,lr=1e-3,full_batch=1]", **FAST),
+                        check_data=False)
+    lc, gd = plan.setting("lcgd[exit=attn]"), plan.setting("gd[clip=value:12,lr=1e-3,full_batch=1]")
+    assert dict(lc.options) == {"exit": "attn"} and lc.lr.lr == 0.05 and lc.lr.source == "run"
+    assert (gd.clip, gd.clip_value, gd.lr.lr, gd.lr.source, gd.full_batch) == ("value", 12.0, 1e-3, "setting", True)
+    with pytest.raises(PlanError, match="did you mean 'lcgd'"):
+        resolve_cell(RunConfig(settings="lcdg", **FAST), check_data=False)
+    with pytest.raises(PlanError, match="takes no options"):
+        resolve_cell(RunConfig(settings="zsl[lr=1]", **FAST), check_data=False)
 
 
 def test_prompt_longer_than_context_names_example_and_lengths(loaded):

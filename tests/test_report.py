@@ -1,64 +1,48 @@
 """Report from synthetic run folders: tables match an independent numpy recomputation."""
 
 import csv
-import json
-import warnings
 
 import numpy as np
 import pytest
+import torch
 
-from iclgd import report
+from iclgd import report, runfolder
 from iclgd.errors import DataError
+from iclgd.evaluate import Record
+from iclgd.experiment import CellResult, RunConfig, cell_config
+from iclgd.plan import resolve_cell
 
 N, L, H, Q, D, C, STEPS = 6, 3, 2, 5, 8, 2, 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _write_run(root, task, seed, settings=("zsl", "icl", "gd", "lcgd"), done=True):
-    """A run folder with random records (fixed generator), NaN-padded logits, grad norms."""
+    """A run folder with random records (fixed generator), NaN-padded logits, grad norms, written
+    by the real writer (runfolder.write) from a real plan."""
     rng = np.random.default_rng(1000 * seed + sum(map(ord, task)))
-    path = root / f"{task}_s{seed}"
-    (path / "records").mkdir(parents=True)
+    plan = resolve_cell(RunConfig(model="tiny-gpt2", task=task, seed=seed, k=4, settings=settings, lr=0.1),
+                        out=root / f"{task}_s{seed}", check_data=False)
     q_len = rng.integers(1, Q + 1, size=N)  # shared by every setting of this run
     gold = rng.integers(0, C, size=N)
-    config = {
-        "task": task,
-        "seed": seed,
-        "model": "tiny-gpt2",
-        "protocol": "default",
-        "k": 4,
-        "settings": list(settings),
-    }
-    results = {}
-    for s in settings:
+    records, results = {}, {}
+    for s in plan.settings:
         logits = rng.standard_normal((N, L, H, Q)).astype(np.float32)  # [batch, layer, head, q]
         for i, n in enumerate(q_len):
             logits[i, :, :, n:] = np.nan
-        arrays = {
-            "label_logprobs": rng.standard_normal((N, C)).astype(np.float32),
-            "pred": rng.integers(0, C, size=N),
-            "gold": gold,
-            "q_len": q_len,
-            "attn_out": rng.standard_normal((N, L, D)).astype(np.float32),
-            "attn_logits": logits,
-        }
-        is_proc = s not in ("zsl", "icl")
-        if is_proc:
-            arrays["grad_norms"] = rng.uniform(0.01, 10, (L, STEPS)).astype(np.float32)
-            arrays["losses"] = rng.uniform(0, 3, STEPS).astype(np.float32)
-        np.savez(path / "records" / f"{report.safe_name(s)}.npz", **arrays)
-        results[s] = {
-            "accuracy": float(np.mean(arrays["pred"] == gold)),
-            "n": N,
-            "wall_s": 0.1,
-            "peak_mem_mb": 1.0,
-            "process": s if is_proc else None,
-            "options": {},
-        }
-    (path / "config.json").write_text(json.dumps(config))
-    (path / "results.json").write_text(json.dumps(results))
-    if done:
-        (path / "DONE").write_text("")
+        t = torch.from_numpy
+        rec = Record(label_logprobs=t(rng.standard_normal((N, C)).astype(np.float32)), pred=t(rng.integers(0, C, size=N)),
+                     gold=t(gold), attn_out=t(rng.standard_normal((N, L, D)).astype(np.float32)),
+                     attn_logits=t(logits), q_len=t(q_len))
+        if s.process:
+            rec.extras.update(grad_norms=t(rng.uniform(0.01, 10, (L, STEPS)).astype(np.float32)),
+                              losses=t(rng.uniform(0, 3, STEPS).astype(np.float32)))
+        records[s.label] = rec
+        results[s.label] = {"accuracy": rec.accuracy, "n": N, "wall_s": 0.1, "peak_mem_mb": 1.0,
+                            "process": s.name if s.process else None, "options": {}}
+    cell = CellResult(cell_config(plan, {"name": "tiny-gpt2"}), records, results, [], list(range(N)))
+    path = runfolder.write(plan.out, cell)
+    if not done:
+        (path / "DONE").unlink()
     return path
 
 
@@ -77,7 +61,7 @@ def _csv(out, name):
 
 
 def _npz(root, task, seed, setting):
-    with np.load(root / f"{task}_s{seed}" / "records" / f"{report.safe_name(setting)}.npz") as z:
+    with np.load(root / f"{task}_s{seed}" / "records" / f"{runfolder.safe_name(setting)}.npz") as z:
         return {k: z[k] for k in z.files}
 
 
@@ -97,9 +81,9 @@ def _np_simam_before(icl, zsl):
 
 
 def test_safe_name():
-    assert report.safe_name("lcgd[clip=match_gd]") == "lcgd_clip_match_gd_"
-    assert report.safe_name("lin-gd.v2_x") == "lin-gd.v2_x"
-    assert report.safe_name("a:b c/d") == "a_b_c_d"
+    assert runfolder.safe_name("lcgd[clip=match_gd]") == "lcgd_clip_match_gd_"
+    assert runfolder.safe_name("lin-gd.v2_x") == "lin-gd.v2_x"
+    assert runfolder.safe_name("a:b c/d") == "a_b_c_d"
 
 
 def test_tables_match_numpy_recomputation(runs_root, tmp_path):
@@ -163,26 +147,26 @@ def test_figures_and_html(runs_root, tmp_path):
     assert "tiny-gpt2" in head and "default" in head and "seeds 2, 3" in head
 
 
-def test_unfinished_folder_skipped(runs_root, tmp_path):
-    _write_run(runs_root, "cb", 3, done=False)
-    with pytest.warns(UserWarning, match="unfinished"):
-        runs = report.find_runs(runs_root)
+def test_unfinished_folder_skipped(runs_root, tmp_path, capsys):
+    cb = _write_run(runs_root, "cb", 3, done=False)
+    runs, skipped = runfolder.find_runs(runs_root)
     assert {r.task for r in runs} == {"sst2", "subj"}
+    assert [p for p, why in skipped] == [cb] and "unfinished" in skipped[0][1]
     out = tmp_path / "report"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report.build_report(runs_root, out)
+    report.build_report(runs_root, out)
     assert "cb" not in (out / "tables" / "accuracy.md").read_text()
+    assert f"skipped {cb}: unfinished" in capsys.readouterr().err
+    assert "unfinished" in (out / "summary.md").read_text()
 
 
 def test_report_without_gd_and_lcgd(tmp_path):
     root = tmp_path / "runs"
     _write_run(root, "sst2", 2, settings=("zsl", "icl"))
-    _write_run(root, "mr", 5, settings=("zsl", "icl", "lingd", "lcgd[clip=match_gd]"))
+    _write_run(root, "mr", 5, settings=("zsl", "icl", "lingd", "lcgd[clip=layer_l2:1]"))
     out = tmp_path / "report"
     page = report.build_report(root, out)
     acc = (out / "tables" / "accuracy.md").read_text()
-    assert "| sst2 |" in acc and "| mr |" in acc and "lcgd[clip=match_gd]" in acc
+    assert "| sst2 |" in acc and "| mr |" in acc and "lcgd[clip=layer_l2:1]" in acc
     assert "lingd (norm)" in (out / "tables" / "simaou.md").read_text()
     assert not (out / "tables" / "alpha.md").exists()
     assert not (out / "figures" / "simaou_layers.png").exists()
@@ -203,11 +187,11 @@ def test_zsl_icl_only_single_run(tmp_path):
 
 def test_load_run_and_find_runs_errors(tmp_path):
     with pytest.raises(DataError, match="config.json"):
-        report.load_run(tmp_path)
+        runfolder.load_run(tmp_path)
     with pytest.raises(DataError, match="no finished run"):
         report.build_report(tmp_path, tmp_path / "out")
     path = _write_run(tmp_path, "sst2", 2)
-    run = report.find_runs(path)[0]  # a run folder itself is a root
+    run = runfolder.find_runs(path)[0][0]  # a run folder itself is a root
     assert run.task == "sst2" and run.seed == 2 and run.is_process("gd")
     assert not run.is_process("icl")
     assert run.records("gd")["attn_logits"].shape == (N, L, H, Q)

@@ -40,11 +40,11 @@ def _records(path: Path) -> dict:
 
 def test_plan_cells_seeds_from_tasks_and_protocol():
     cells = sweep.plan_cells(["sst2", "cb"], None, protocol="default")
-    assert [(c.task, c.seed) for c in cells] == [("sst2", 2), ("sst2", 3), ("sst2", 4),
-                                                 ("cb", 3), ("cb", 4), ("cb", 5)]
+    assert [(c.task.name, c.seed) for c in cells] == [("sst2", 2), ("sst2", 3), ("sst2", 4),
+                                                      ("cb", 3), ("cb", 4), ("cb", 5)]
     ref = sweep.plan_cells(["sst2", "cb"], None, protocol="dai2023", settings="zsl,lcgd[clip=value:1,lr=1]")
-    assert [(c.task, c.seed) for c in ref] == [("sst2", 2), ("cb", 3)]
-    assert ref[0].settings == ("zsl", "lcgd[clip=value:1,lr=1]")
+    assert [(c.task.name, c.seed) for c in ref] == [("sst2", 2), ("cb", 3)]
+    assert ref[0].labels == ["zsl", "lcgd[clip=value:1,lr=1]"]
     assert [c.seed for c in sweep.plan_cells(["mr"], [9, 10])] == [9, 10]
 
 
@@ -71,13 +71,14 @@ def test_interrupted_sweep_resumes_without_redoing(tmp_path, monkeypatch, capsys
     cells = _cells()
     real_run, calls = sweep.run, []
 
-    def crash_on_mr(cfg, *, loaded=None, out=None):
-        calls.append(cfg.task)
-        if cfg.task == "mr":  # dies midway: a half-written folder, as a non-atomic writer would leave
-            Path(out).mkdir(parents=True)
-            (Path(out) / "config.json").write_text("{}")
+    def crash_on_mr(cell, *, loaded=None):
+        calls.append(cell.task.name)
+        if cell.task.name == "mr":  # dies midway through writing: the writer's staging folder is left
+            staging = cell.out.parent / f".{cell.out.name}.tmp-0123abcd"
+            staging.mkdir(parents=True)
+            (staging / "config.json").write_text("{}")
             raise RuntimeError("killed")
-        return real_run(cfg, loaded=loaded, out=out)
+        return real_run(cell, loaded=loaded)
 
     loads = []
     monkeypatch.setattr(sweep, "run", crash_on_mr)
@@ -92,11 +93,11 @@ def test_interrupted_sweep_resumes_without_redoing(tmp_path, monkeypatch, capsys
     before = _records(sst2)
 
     calls.clear()
-    monkeypatch.setattr(sweep, "run", lambda cfg, **kw: calls.append(cfg.task) or real_run(cfg, **kw))
+    monkeypatch.setattr(sweep, "run", lambda cell, **kw: calls.append(cell.task.name) or real_run(cell, **kw))
     assert sweep.run_sweep(cells, tmp_path, loaded=tiny_llama_loaded(), progress=False) == [sst2, mr]
     assert calls == ["mr"]  # the finished cell is not run again
     assert (sst2 / runfolder.DONE).stat().st_mtime_ns == stamp
-    assert runfolder.is_done(mr) and json.loads((mr / "config.json").read_text())["run"]["task"] == "mr"
+    assert runfolder.is_done(mr) and runfolder.load_run(mr).task == "mr"
     assert set(_records(sst2)) == set(before) == {"zsl", "icl", "gd"}
     assert not [p for p in mr.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
@@ -114,7 +115,7 @@ def test_finished_cell_with_other_options_is_redone(tmp_path, monkeypatch):
     assert sweep.pending(_cells(tasks=("sst2",), settings="icl,zsl"), tmp_path) == []
     for changed in (_cells(tasks=("sst2",), settings=SETTINGS), _cells(tasks=("sst2",), settings=("zsl", "icl"),
                                                                         eval_cap=6)):
-        assert sweep.pending(changed, tmp_path) == changed
+        assert [c.decisive() for c in sweep.pending(changed, tmp_path)] == [c.decisive() for c in changed]
     (smaller,) = _cells(tasks=("sst2",), settings=("zsl",), eval_cap=6)
     sweep.run_sweep([smaller], tmp_path, loaded=loaded, progress=False)
     results = json.loads((path / "results.json").read_text())

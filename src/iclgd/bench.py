@@ -6,121 +6,31 @@ counts, the measured wall time of each setting (`experiment.run`) over that floo
 ICL versus full re-encoding on the same eval examples, peak memory per setting, and the eval
 passes' FLOP/s as a fraction of the peak.
 
-FLOP model (a floor: useful work only, no padding, elementwise ops ignored). A forward pass over
-T new tokens attending to P cached ones costs 2·T·(matmul params inside the blocks) + attention
-4·H·d_head·keys per layer (scores and mix, keys = T·P + T(T+1)/2: causal, only unmasked pairs)
-+ 2·d_model·vocab per position whose logits are computed. A backward (or a jvp's tangent pass)
-costs one activation-gradient matmul per frozen weight (1x its forward), two per trained k/v
-weight (input + weight gradient), 2x the attention (both operands carry gradients) and 1x the
-unembedding: a finer count than the usual "backward = 2x forward" upper bound. LinGD's floor is
-primal + tangent + backward per step, which is what the code runs.
 The learning rate is fixed (the task's reference), so no lr search runs: each process trains once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from iclgd import arch
+from iclgd import outputs
 from iclgd.errors import IclgdError
 from iclgd.evaluate import EvalOptions, encode_prefix, evaluate
-from iclgd.experiment import PeakMemory, RunConfig, _rss_mb, parse_setting, prepare, run
-from iclgd.processes import PROCESSES
-from iclgd.tasks import get_task
+from iclgd.experiment import PeakMemory, _rss_mb, prepare, run
+from iclgd.flops import CellTokens, ModelDims, setting_flops
+from iclgd.plan import CellPlan, LrRule, RunConfig, resolve_cell
 
 DEFAULT_EVAL_CAP = 64
 TARGET_FLOOR_RATIO = 2.0  # full cell within 2x its FLOP floor
 TARGET_CACHE_SPEEDUP = 10.0  # cached ICL >= 10x faster per example than re-encoding (k = 32)
-
-
-# ---------------------------------------------------------------- FLOP counter
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    n_layers: int
-    d_model: int
-    n_heads: int  # query heads
-    d_head: int
-    vocab: int
-    linear_params: int  # every >= 2-d parameter inside the decoder blocks (the matmul weights)
-    kv_params: int  # trained k/v weight entries (masked entries only on fused qkv)
-
-    @classmethod
-    def of(cls, model) -> ModelDims:
-        blocks = arch.decoder_layers(model)
-        linear = sum(p.numel() for b in blocks for p in b.parameters() if p.dim() >= 2)
-        named = dict(model.named_parameters())
-        kv = sum(int(tp.mask.sum()) if tp.mask is not None else named[tp.name].numel()
-                 for tp in arch.trainable_params(model, "kv") if named[tp.name].dim() >= 2)
-        n_heads, _, d_head = arch.attn_shape(model)
-        head = arch.unembed(model).weight  # [vocab, d_model]
-        return cls(len(blocks), int(head.shape[1]), n_heads, d_head, int(head.shape[0]), linear, kv)
-
-
-def attn_flops(d: ModelDims, t: int, p: int = 0, causal: bool = True) -> int:
-    """Scores q·kᵀ plus mix p·v over all layers: 2·2·H·d_head FLOPs per (query, key) pair."""
-    pairs = t * p + t * (t + 1) // 2 if causal else t * (p + t)
-    return d.n_layers * 4 * d.n_heads * d.d_head * pairs
-
-
-def forward_flops(d: ModelDims, t: int, p: int = 0, logits: int = 1, causal: bool = True) -> int:
-    """One forward over t new tokens after p cached ones, with logits at `logits` positions."""
-    return 2 * t * d.linear_params + attn_flops(d, t, p, causal) + 2 * logits * d.d_model * d.vocab
-
-
-def backward_flops(d: ModelDims, t: int, p: int = 0, logits: int = 1, causal: bool = True) -> int:
-    """Backward to the trained k/v (or a jvp tangent pass in their direction); module docstring."""
-    return (2 * t * (d.linear_params + d.kv_params) + 2 * attn_flops(d, t, p, causal)
-            + 2 * logits * d.d_model * d.vocab)
-
-
-@dataclass(frozen=True)
-class CellTokens:
-    """The token counts one cell computes on (what `experiment.run` feeds the model)."""
-
-    query_lens: tuple[int, ...]  # each eval sequence's own tokens (query + appended label, if any)
-    bos: int  # tokens before a ZSL/process query (BOS, re-encoded with each query)
-    icl_prefix: int  # BOS + n_icl demonstrations with separators (encoded once, cached)
-    train_lens: tuple[int, ...]  # each training sequence: BOS + demonstration
-
-    def to_dict(self) -> dict:
-        return {"n_eval": len(self.query_lens), "eval_tokens": sum(self.query_lens), "bos": self.bos,
-                "icl_prefix": self.icl_prefix, "k": len(self.train_lens), "train_tokens": sum(self.train_lens)}
-
-
-def setting_flops(d: ModelDims, tok: CellTokens, name: str) -> dict[str, int]:
-    """{"train": FLOPs, "eval": FLOPs} floor of one setting ("zsl", "icl" or a process name)."""
-    zsl = sum(forward_flops(d, tok.bos + q) for q in tok.query_lens)
-    if name == "zsl":
-        return {"train": 0, "eval": zsl}
-    if name == "icl":
-        p = tok.icl_prefix
-        return {"train": 0, "eval": forward_flops(d, p) + sum(forward_flops(d, q, p) for q in tok.query_lens)}
-    unembed = 2 * d.d_model * d.vocab
-    train = 0
-    for s in tok.train_lens:
-        if name == "gd":  # logits at every position, backward through every block
-            train += forward_flops(d, s, logits=s) + backward_flops(d, s, logits=s)
-        elif name == "lcgd":  # an exit (norm + unembedding) per layer; backward into that block only
-            train += forward_flops(d, s) + d.n_layers * s * unembed + backward_flops(d, s, logits=0)
-            train += d.n_layers * s * unembed
-        elif name == "lingd":  # jvp (primal + tangent) + one backward
-            train += forward_flops(d, s, logits=s) + 2 * backward_flops(d, s, logits=s)
-        else:
-            raise ValueError(f"no FLOP model for process {name!r}")
-    if name == "lingd":  # the query is a jvp too
-        return {"train": train, "eval": zsl + sum(backward_flops(d, tok.bos + q) for q in tok.query_lens)}
-    return {"train": train, "eval": zsl}
 
 
 # ---------------------------------------------------------------- measurements
@@ -136,41 +46,6 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
         torch.mm(a, b)
         rates.append(2 * n**3 / (time.perf_counter() - t0))
     return {"best": max(rates), "median": statistics.median(rates), "n": n, "reps": reps}
-
-
-@contextlib.contextmanager
-def eval_timer():
-    """Time every registered process's `evaluate` calls: {name: [seconds per call, in call order]}.
-
-    Wraps the class attributes for the block only; the originals are restored in `finally`.
-    """
-    times: dict[str, list[float]] = {}
-    saved = []
-
-    def wrap(cls):
-        fn = cls.evaluate
-
-        def timed(self, *a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(self, *a, **kw)
-            finally:
-                times.setdefault(cls.name, []).append(time.perf_counter() - t0)
-
-        return timed
-
-    try:
-        for name in PROCESSES.names():
-            cls = PROCESSES.get(name)
-            saved.append((cls, cls.__dict__.get("evaluate")))
-            cls.evaluate = wrap(cls)
-        yield times
-    finally:
-        for cls, orig in reversed(saved):
-            if orig is None:
-                del cls.evaluate
-            else:
-                cls.evaluate = orig
 
 
 def cache_comparison(loaded, prompts, gold, n_icl, opts: EvalOptions, pad_id: int, n: int = 32) -> dict:
@@ -202,8 +77,15 @@ def cache_comparison(loaded, prompts, gold, n_icl, opts: EvalOptions, pad_id: in
 # ---------------------------------------------------------------- the bench
 
 
-def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_n: int = 2048,
-          matmul_reps: int = 5, cache_n: int = 32, repeat: int = 1) -> dict:
+def reference_rate(cell: CellPlan) -> CellPlan:
+    """The cell with every searched learning rate replaced by its reference rate (no search)."""
+    fixed = tuple(replace(s, lr=LrRule("reference", s.lr.lr)) if s.process and s.lr.source == "search" else s
+                  for s in cell.settings)
+    return cell.with_(settings=fixed)
+
+
+def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None, matmul_n: int = 2048,
+          matmul_reps: int = 5, cache_n: int = 32, repeat: int = 1, overwrite: bool = False) -> dict:
     """Run one cell under timers, compare its walls with the FLOP floor; write bench.json/.md to `out`.
 
     With `repeat` > 1 the cell runs that many times in this process; each setting is reported at
@@ -214,13 +96,15 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
 
     if repeat < 1:
         raise IclgdError(f"bench: repeat must be >= 1, got {repeat}")
-    loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    if cfg.lr is None:
-        cfg = replace(cfg, lr=get_task(cfg.task).lr or 1e-3)
+    if out is not None:
+        outputs.check_out(Path(out), "bench", overwrite)
+    cfg = reference_rate(resolve_cell(cfg))
+    loaded = loaded or load_model(cfg.model.name, device=cfg.compute.device, dtype=cfg.compute.dtype,
+                                  revision=cfg.model.revision)
     matmul_peak(matmul_n, 1)  # warm-up
     dims = ModelDims.of(loaded.model)
     prep = prepare(cfg, loaded)
-    prompts, gold, n_icl, extra = prep.prompts, [e.label for e in prep.selection.eval], prep.n_icl, prep.extra
+    prompts, gold, n_icl, extra = prep.prompts, prep.gold, prep.n_icl, prep.extra
     tokens = CellTokens(query_lens=tuple(len(q) + extra for q in prompts.queries), bos=len(prompts.bos),
                         icl_prefix=len(prompts.icl_prefix(n_icl)),
                         train_lens=tuple(len(prompts.training_sequence(i)) for i in range(len(prompts.demos))))
@@ -228,14 +112,10 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
     runs = [_timed_cell(cfg, loaded, dims, tokens, matmul_n, matmul_reps) for _ in range(repeat)]
     rows = runs[0][0] if repeat == 1 else best_of([r[0] for r in runs])
     probes = [(i, setting, p) for i, (_, run_probes, _) in enumerate(runs) for setting, p in run_probes]
-    cell = runs[0][2]
 
-    opts = EvalOptions(batch_size=cfg.batch_size, record_at=cell.config["run"]["record_at"],
-                       progress=cfg.progress)
-    tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    opts = EvalOptions(batch_size=cfg.compute.batch_size, record_at=cfg.record_at, progress=cfg.compute.progress)
     with PeakMemory() as mem:
-        cache = cache_comparison(loaded, prompts, gold, n_icl, opts, pad, cache_n)
+        cache = cache_comparison(loaded, prompts, gold, n_icl, opts, prep.pad_id, cache_n)
     cache["peak_mem_mb"] = mem.peak_mb
 
     settings = list(rows)
@@ -265,9 +145,10 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
         "repeats": [_run_summary(r[0]) for r in runs],
         "tokens": tokens.to_dict(),
         "model_dims": asdict(dims),
-        "run": {"model": loaded.name, "task": cfg.task, "seed": cfg.seed, "k": cfg.k, "eval_cap": len(gold),
-                "settings": settings, "protocol": cfg.protocol, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                "dtype": cfg.dtype, "device": cfg.device},
+        "run": {"model": loaded.name, "task": cfg.task.name, "seed": cfg.seed, "k": cfg.k, "eval_cap": len(gold),
+                "settings": settings, "protocol": cfg.protocol.name,
+                "lr": {s.label: s.lr.lr for s in cfg.settings if s.process}, "batch_size": cfg.compute.batch_size,
+                "dtype": cfg.compute.dtype, "device": cfg.compute.device},
         "machine": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "rss_before_run_mb": rss_before,
@@ -282,14 +163,16 @@ def bench(cfg: RunConfig, *, loaded=None, out: str | Path | None = None, matmul_
     table = markdown(result)
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "bench.md").write_text(table)
+        tmp = outputs.staging_dir(out)
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "bench.md").write_text(table)
+        outputs.write_marker(tmp, "bench", ["bench.json", "bench.md"])
+        outputs.move_into(tmp, out, "bench")
     result["table"] = table
     return result
 
 
-def _timed_cell(cfg: RunConfig, loaded, dims: ModelDims, tokens: CellTokens, matmul_n: int,
+def _timed_cell(cfg: CellPlan, loaded, dims: ModelDims, tokens: CellTokens, matmul_n: int,
                 matmul_reps: int) -> tuple[dict, list, object]:
     """One timed run of the cell: (rows per setting, matmul probes, the run's CellResult)."""
     # The peak is probed before every setting and after the last: on a shared host it drifts by
@@ -299,8 +182,7 @@ def _timed_cell(cfg: RunConfig, loaded, dims: ModelDims, tokens: CellTokens, mat
     def probe(setting: str) -> None:
         probes.append((setting, matmul_peak(matmul_n, matmul_reps)))
 
-    with eval_timer() as eval_times:
-        cell = run(cfg, loaded=loaded, before_setting=probe)
+    cell = run(cfg, loaded=loaded, before_setting=probe)
     probe("end")
     q_len = sorted(int(x) for x in next(iter(cell.records.values())).q_len)
     if q_len != sorted(tokens.query_lens):  # the floor must count what the run computed
@@ -308,11 +190,8 @@ def _timed_cell(cfg: RunConfig, loaded, dims: ModelDims, tokens: CellTokens, mat
 
     rows = {}
     for i, (setting, res) in enumerate(cell.results.items()):
-        name, _ = parse_setting(setting)
-        fl = setting_flops(dims, tokens, name)
-        wall = res["wall_s"]
-        # results are in run order, and with a fixed lr each process evaluates exactly once
-        eval_s = wall if name in ("zsl", "icl") else eval_times[name].pop(0)
+        fl = setting_flops(dims, tokens, cfg.setting(setting).name)
+        wall, eval_s = res["wall_s"], res["eval_s"]
         peak = max(probes[i][1]["best"], probes[i + 1][1]["best"])  # the probes around this setting
         floor = (fl["train"] + fl["eval"]) / peak
         rows[setting] = {"wall_s": wall, "floor_s": floor, "floor_ratio": wall / floor, "matmul_flops": peak,
@@ -406,20 +285,3 @@ def environment_warnings(machine: dict) -> list[str]:
                    "of a forward pass (on the project's 2-core CPU it made ZSL's eval 1.2x, LinGD's eval 1.5x and "
                    "GD's training steps 1.7x slower); unset it unless other jobs share the cores")
     return out
-
-
-def bench_from_args(args) -> int:
-    """The `iclgd bench` subcommand: a RunConfig from the CLI namespace, then `bench`."""
-    cap = args.eval_cap if args.eval_cap is not None else DEFAULT_EVAL_CAP
-    cfg = RunConfig.from_dict({
-        "model": args.model, "task": args.task, "seed": args.seed, "k": args.k, "settings": args.settings,
-        "protocol": args.protocol, "eval_cap": cap, "batch_size": args.batch_size, "data_dir": args.data_dir,
-        "data_source": args.data_source, "device": args.device, "dtype": args.dtype,
-        "progress": not args.quiet,
-    })
-    if args.eval_cap is None:
-        print(f"iclgd bench: eval cap {cap} (pass --eval-cap N to change it)")
-    result = bench(cfg, out=args.out, repeat=args.repeat)
-    print(result["table"])
-    print(f"bench: {Path(args.out) / 'bench.json'}")
-    return 0

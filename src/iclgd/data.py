@@ -175,7 +175,7 @@ def _read_file(path: str, mtime_ns: int) -> tuple[tuple[dict, int], ...]:
     """Rows of a JSONL or CSV file with their 1-based line numbers (cached by mtime)."""
     del mtime_ns  # part of the cache key only: an edited file is read again
     rows: list[tuple[dict, int]] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         if path.endswith(".csv"):
             reader = csv.DictReader(f)
             if not reader.fieldnames:

@@ -1,118 +1,34 @@
-"""One experiment cell: (model, task, seed, protocol, settings) -> records and a run folder.
+"""One experiment cell: a `CellPlan` -> records, results and a run folder.
 
-`run(RunConfig(...))` is the one Python call behind `iclgd run`. All settings share the model,
-the task, the seed and one list of k demonstrations (SPEC §1). ZSL and ICL evaluate the query
-with the original weights; every process trains on the demonstrations from θ0, then evaluates
-the query alone with the same capture.
+`run(RunConfig(...) or CellPlan)` is the one Python call behind `iclgd run`. It resolves the
+request into a plan first (iclgd.plan: every input checked, nothing loaded), then loads the
+model, builds the prompts and checks that they fit, and only then computes. All settings share
+the model, the task, the seed and one list of k demonstrations (SPEC §1). ZSL and ICL evaluate
+the query with the original weights; every process trains on the demonstrations from θ0 with
+the learning rate its plan gives (fixed, or chosen by iclgd.lrsearch), then evaluates the query
+alone with the same capture.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iclgd import runfolder
-from iclgd.data import Selection, held_out, select_examples, switch_labels
-from iclgd.errors import IclgdError, PromptError
+from iclgd import flags, runfolder
+from iclgd.data import Selection, select_examples, switch_labels
+from iclgd.errors import PromptError
 from iclgd.evaluate import EvalOptions, Record, evaluate
+from iclgd.lrsearch import choose_lr
+from iclgd.plan import CellPlan, RunConfig, SettingPlan, resolve_cell
 from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
 from iclgd.prompts import Prompts, build_prompts, check_fits, demos_that_fit
-from iclgd.protocols import Protocol, get_protocol
-from iclgd.registry import unknown_name
-from iclgd.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
-BASE_SETTINGS = ("zsl", "icl")
-_SETTING = re.compile(r"^([A-Za-z0-9_.-]+)(?:\[(.*)\])?$")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that decides one cell. Unset fields (None) take the protocol's or task's value."""
-
-    model: str = "smollm2-135m"
-    task: str = "sst2"
-    seed: int = 2
-    k: int = 32
-    settings: tuple[str, ...] = ("zsl", "icl")
-    protocol: str = "default"
-    eval_cap: int | None = None
-    separator: str | None = None
-    record_at: str | None = None
-    label_switch: bool = False
-    lr: float | None = None  # one learning rate for every process (else per process: search/reference)
-    lr_source: str | None = None  # "search" or "reference"; None = the protocol's choice
-    params: str = "kv"
-    batch_size: int = 16
-    cache_prefix: bool = True
-    data_dir: str | None = None
-    data_source: str = "auto"
-    device: str = "cpu"
-    dtype: str = "float32"
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - known)
-        if extra:
-            raise IclgdError(f"unknown run option(s) {extra}; known: {sorted(known)}")
-        d = dict(d)
-        if isinstance(d.get("settings"), str):
-            d["settings"] = tuple(split_settings(d["settings"]))
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def split_settings(text: str) -> list[str]:
-    """'zsl,icl,lcgd[clip=layer_l2:1,exit=attn]' -> ['zsl', 'icl', 'lcgd[clip=layer_l2:1,exit=attn]']."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
-    return out
-
-
-def parse_setting(setting: str) -> tuple[str, dict[str, str]]:
-    """'lcgd[clip=value:12,lr=1e-3]' -> ('lcgd', {'clip': 'value:12', 'lr': '1e-3'})."""
-    m = _SETTING.match(setting.strip())
-    if not m:
-        raise IclgdError(f"cannot parse setting {setting!r}; write NAME or NAME[key=value,...]")
-    name, opts = m.group(1), m.group(2)
-    if name not in BASE_SETTINGS and name not in PROCESSES:
-        raise unknown_name("setting", name, [*BASE_SETTINGS, *PROCESSES.names()])
-    kv = {}
-    for part in filter(None, (opts or "").split(",")):
-        if "=" not in part:
-            raise IclgdError(f"setting {setting!r}: option {part!r} must be key=value")
-        key, value = part.split("=", 1)
-        kv[key.strip()] = value.strip()
-    if name in BASE_SETTINGS and kv:
-        raise IclgdError(f"setting {name!r} takes no options (got {kv})")
-    return name, kv
-
-
-def process_config(setting: str, lr: float, params: str) -> ProcessConfig:
-    """Build a ProcessConfig from a setting string; options lr, params, full_batch, clip, others."""
-    name, kv = parse_setting(setting)
-    kw: dict = {"name": name, "lr": float(kv.pop("lr", lr)), "params": kv.pop("params", params)}
-    kw["full_batch"] = kv.pop("full_batch", "0").lower() in ("1", "true", "yes")
-    if "clip" in kv:
-        mode, _, value = kv.pop("clip").partition(":")
-        kw["clip"], kw["clip_value"] = mode, float(value) if value else None
-    return ProcessConfig(**kw, options=kv)
+__all__ = ["CellResult", "PeakMemory", "Prepared", "RunConfig", "prepare", "process_config", "run"]
 
 
 class PeakMemory:
@@ -158,178 +74,136 @@ class CellResult:
         return self.results[setting]["accuracy"]
 
 
-def _ordered(settings) -> list[str]:
-    """ZSL and ICL first, then GD (match_gd clipping needs its norms), then the rest as given."""
-    settings = list(dict.fromkeys(settings))
-    if not settings:
-        raise IclgdError("no settings to run; e.g. --settings zsl,icl,gd,lcgd,lingd")
-    for s in settings:
-        parse_setting(s)
-    key = {"zsl": 0, "icl": 1, "gd": 2}
-    return sorted(settings, key=lambda s: key.get(s, 3))
-
-
 @dataclass
 class Prepared:
-    """What every setting of a cell shares: the resolved protocol and task, the seeded selection,
-    the tokenized prompts and where to record (`extra` = 1 token appended for record_at "label")."""
+    """What every setting of a cell shares: the seeded selection, the tokenized prompts, where to
+    record (`extra` = 1 token appended for record_at "label") and the training sequences."""
 
-    protocol: Protocol
-    task: Task
+    plan: CellPlan
     selection: Selection
     demo_labels: list[int]  # the labels the demonstrations carry (deranged under label switching)
     prompts: Prompts
-    eval_cap: int
-    separator: str
-    record_at: str
     extra: int
     n_icl: int  # demonstrations ICL sees: k, or what fits under the dai2023 "drop" rule
+    train_seqs: list[list[int]]
+    pad_id: int
+
+    @property
+    def gold(self) -> list[int]:
+        return [e.label for e in self.selection.eval]
 
 
-def prepare(cfg: RunConfig, loaded) -> Prepared:
-    """Select the demonstrations and eval examples of `cfg` and build its prompts (no model call)."""
-    protocol, task = get_protocol(cfg.protocol), get_task(cfg.task)
-    eval_cap = cfg.eval_cap if cfg.eval_cap is not None else min(task.eval_cap, protocol.eval_cap)
-    sel = select_examples(task, cfg.seed, cfg.k, cfg.data_dir, eval_cap=eval_cap,
-                          eval_seed=protocol.eval_seed, source=cfg.data_source)
+def prepare(plan: CellPlan, loaded) -> Prepared:
+    """Select the cell's examples, build its prompts and check that every sequence the cell will
+    run fits the model's context (PromptError naming the example otherwise). No model call."""
+    task = plan.task
+    sel = select_examples(task, plan.seed, plan.k, plan.data_dir, eval_cap=plan.eval_cap,
+                          eval_seed=plan.protocol.eval_seed, source=plan.data_source)
     gold_demo = [d.label for d in sel.demos]
-    demo_labels = switch_labels(gold_demo, len(task.label_words)) if cfg.label_switch else gold_demo
-    separator = cfg.separator if cfg.separator is not None else protocol.separator
-    prompts = build_prompts(loaded.tokenizer, task, sel, separator=separator, demo_labels=demo_labels)
-    record_at = cfg.record_at or protocol.record_at
-    extra = 1 if record_at == "label" else 0
-    n_icl = cfg.k
-    if protocol.icl_truncation == "drop":
-        n_icl = demos_that_fit(prompts, loaded.max_length, extra=extra)
-    return Prepared(protocol, task, sel, demo_labels, prompts, eval_cap, separator, record_at, extra, n_icl)
-
-
-def run(cfg: RunConfig, *, loaded=None, out: str | Path | None = None,
-        before_setting: Callable[[str], None] | None = None) -> CellResult:
-    """Run one cell. `loaded` reuses an already loaded model; `out` writes the run folder;
-    `before_setting(setting)` is called before each setting starts, outside its timing (the
-    bench measures the machine's matmul peak there)."""
-    from iclgd.models import load_model
-
-    settings = _ordered(cfg.settings)
-    if cfg.k < 0:
-        raise IclgdError(f"k must be >= 0, got {cfg.k}")
-    loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    prep = prepare(cfg, loaded)
-    protocol, task, sel, prompts = prep.protocol, prep.task, prep.selection, prep.prompts
-    record_at, extra, n_icl = prep.record_at, prep.extra, prep.n_icl
+    demo_labels = switch_labels(gold_demo, task.n_classes) if plan.label_switch else gold_demo
     tok = loaded.tokenizer
+    prompts = build_prompts(tok, task, sel, separator=plan.separator, demo_labels=demo_labels)
+    extra = 1 if plan.record_at == "label" else 0
+    n_icl = plan.k
+    if plan.protocol.icl_truncation == "drop":
+        n_icl = demos_that_fit(prompts, loaded.max_length, extra=extra)
     eval_ids = [e.id for e in sel.eval]
-    if "icl" in settings:
-        if n_icl < cfg.k:
-            log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", n_icl, cfg.k)
-        if protocol.icl_truncation != "drop":
-            check_fits(prompts, loaded.max_length, eval_ids=eval_ids, n_demos=cfg.k, extra=extra)
+    if any(s.name == "icl" for s in plan.settings) and plan.protocol.icl_truncation != "drop":
+        check_fits(prompts, loaded.max_length, eval_ids=eval_ids, n_demos=plan.k, extra=extra)
     check_fits(prompts, loaded.max_length, eval_ids=eval_ids, n_demos=0, extra=extra)
     train_seqs = [prompts.training_sequence(i) for i in range(len(prompts.demos))]
     too_long = [i for i, s in enumerate(train_seqs) if len(s) > loaded.max_length]
     if too_long:
         raise PromptError(f"demonstration(s) {too_long} exceed the context ({loaded.max_length} tokens)")
-
-    opts = EvalOptions(batch_size=cfg.batch_size, record_at=record_at, cache_prefix=cfg.cache_prefix,
-                       progress=cfg.progress)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    gold = [e.label for e in sel.eval]
-    common = dict(options=opts, pad_id=pad)
+    return Prepared(plan, sel, demo_labels, prompts, extra, n_icl, train_seqs, pad)
+
+
+def process_config(setting: SettingPlan, lr: float) -> ProcessConfig:
+    """The ProcessConfig a process trains with: the setting's resolved options and its lr."""
+    return ProcessConfig(name=setting.name, lr=lr, params=setting.params, full_batch=setting.full_batch,
+                         clip=setting.clip, clip_value=setting.clip_value, options=dict(setting.options))
+
+
+def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None, overwrite: bool = False,
+        before_setting: Callable[[str], None] | None = None) -> CellResult:
+    """Run one cell. `loaded` reuses an already loaded model; `out` writes the run folder (only
+    files iclgd wrote are ever replaced there; `overwrite` lets it add them to a folder it did not
+    make); `before_setting(label)` is called before each setting starts, outside its timing (the
+    bench measures the machine's matmul peak there)."""
+    from iclgd.models import load_model
+
+    plan = resolve_cell(cfg, out=out, overwrite=overwrite)
+    loaded = loaded or load_model(plan.model.name, device=plan.compute.device, dtype=plan.compute.dtype,
+                                  revision=plan.model.revision)
+    prep = prepare(plan, loaded)
+    if prep.n_icl < plan.k and "icl" in plan.labels:
+        log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", prep.n_icl, plan.k)
     records: dict[str, Record] = {}
     results: dict[str, dict] = {}
-    for setting in settings:
-        name, _ = parse_setting(setting)
+    for setting in plan.settings:
         if before_setting is not None:
-            before_setting(setting)
+            before_setting(setting.label)
         t0 = time.perf_counter()
-        info: dict = {"process": None, "options": {}}
         with PeakMemory() as mem:
-            if name == "zsl":
-                rec = evaluate(loaded.model, prompts.queries, gold, prompts.label_ids,
-                               prefix=prompts.bos, desc="zsl", **common)
-            elif name == "icl":
-                rec = evaluate(loaded.model, prompts.queries, gold, prompts.label_ids,
-                               prefix=prompts.icl_prefix(n_icl), desc="icl", **common)
-                info["options"] = {"n_demos": n_icl}
-            else:
-                lr, lr_info = _learning_rate(cfg, prep, setting, loaded, train_seqs)
-                pcfg = process_config(setting, lr, cfg.params)
-                ref = records["gd"].extras["grad_norms"] if "gd" in records else None
-                ctx = TrainContext(loaded.model, train_seqs, pcfg, reference_norms=ref, progress=cfg.progress)
-                proc = PROCESSES.get(name)()
-                rec = proc.evaluate(ctx, proc.train(ctx), prompts.queries, gold, prompts.label_ids,
-                                    prefix=prompts.bos, **common)
-                info = {"process": name, "options": {**_jsonable(asdict(pcfg)), **lr_info}}
-        records[setting] = rec
-        results[setting] = {"accuracy": rec.accuracy, "n": len(gold), "wall_s": time.perf_counter() - t0,
-                            "peak_mem_mb": mem.peak_mb, **info}
-        log.info("%s: accuracy %.4f (%.1f s)", setting, rec.accuracy, results[setting]["wall_s"])
+            rec, info = _run_setting(setting, prep, loaded, records)
+        wall = time.perf_counter() - t0
+        found, ties = flags.record_flags(rec.label_logprobs, rec.pred)
+        info["flags"] = info.get("flags", []) + found
+        records[setting.label] = rec
+        results[setting.label] = {"accuracy": rec.accuracy, "n": len(prep.gold), "wall_s": wall,
+                                  "train_s": wall - info.pop("eval_s", wall), "peak_mem_mb": mem.peak_mb,
+                                  "ties": ties, **info}
+        results[setting.label]["eval_s"] = wall - results[setting.label]["train_s"]
+        log.info("%s: accuracy %.4f (%.1f s)", setting.label, rec.accuracy, wall)
 
-    config = {
-        "run": asdict(cfg) | {"settings": list(settings), "eval_cap": prep.eval_cap, "separator": prep.separator,
-                              "record_at": record_at},
-        "task": task.to_dict(), "seed": cfg.seed, "k": cfg.k, "model": loaded.identity,
-        "protocol": protocol.to_dict(), "settings": list(settings), "label_switch": cfg.label_switch,
-        "provenance": runfolder.provenance(),
-    }
-    demos = [{"id": d.id, "fields": d.fields, "gold": d.label, "label": y} for d, y in zip(sel.demos, prep.demo_labels)]
-    result = CellResult(config, records, results, demos, eval_ids)
-    if out is not None:
-        result.path = runfolder.write(out, result)
+    config = cell_config(plan, loaded.identity)
+    demos = [{"id": d.id, "fields": d.fields, "gold": d.label, "label": y}
+             for d, y in zip(prep.selection.demos, prep.demo_labels)]
+    result = CellResult(config, records, results, demos, [e.id for e in prep.selection.eval])
+    if plan.out is not None:
+        result.path = runfolder.write(plan.out, result, plan.overwrite)
     return result
+
+
+def cell_config(plan: CellPlan, identity: dict) -> dict:
+    """A run folder's config.json (runfolder adds the schema): the plan, what report tables group
+    by, the model's identity and the provenance."""
+    return {
+        "task": plan.task.to_dict(), "seed": plan.seed, "k": plan.k,
+        "model": {**identity, "revision": plan.model.revision}, "protocol": plan.protocol.to_dict(),
+        "settings": plan.labels, "label_switch": plan.label_switch, "plan": plan.to_dict(),
+        "decisive": plan.decisive(), "provenance": runfolder.provenance(),
+    }
+
+
+def _run_setting(setting: SettingPlan, prep: Prepared, loaded, records: dict[str, Record]) -> tuple[Record, dict]:
+    """One setting's record and its results entry (without the timing and memory)."""
+    plan, prompts = prep.plan, prep.prompts
+    opts = EvalOptions(batch_size=plan.compute.batch_size, record_at=plan.record_at,
+                       cache_prefix=plan.compute.cache_prefix, progress=plan.compute.progress)
+    common = dict(options=opts, pad_id=prep.pad_id)
+    if setting.name == "zsl":
+        rec = evaluate(loaded.model, prompts.queries, prep.gold, prompts.label_ids, prefix=prompts.bos,
+                       desc="zsl", **common)
+        return rec, {"process": None, "options": {}}
+    if setting.name == "icl":
+        rec = evaluate(loaded.model, prompts.queries, prep.gold, prompts.label_ids,
+                       prefix=prompts.icl_prefix(prep.n_icl), desc="icl", **common)
+        return rec, {"process": None, "options": {"n_demos": prep.n_icl}}
+    ref = records["gd"].extras["grad_norms"] if "gd" in setting.needs else None
+    choice = choose_lr(setting, prep, loaded, reference_norms=ref)
+    pcfg = process_config(setting, choice.lr)
+    proc = PROCESSES.get(setting.name)()
+    ctx = TrainContext(loaded.model, prep.train_seqs, pcfg, reference_norms=ref, progress=plan.compute.progress)
+    trained = choice.trained if choice.trained is not None else proc.train(ctx)
+    t_eval = time.perf_counter()
+    rec = proc.evaluate(ctx, trained, prompts.queries, prep.gold, prompts.label_ids, prefix=prompts.bos, **common)
+    eval_s = time.perf_counter() - t_eval
+    found = flags.training_flags(trained.losses, trained.loss_after, trained.grad_norms, choice.lr)
+    return rec, {"process": setting.name, "options": {**_jsonable(asdict(pcfg)), **choice.info()},
+                 "lr": choice.lr, "lr_source": choice.source, "flags": found, "eval_s": eval_s}
 
 
 def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
-
-
-def _learning_rate(cfg, prep: Prepared, setting, loaded, train_seqs):
-    """The lr for a process: the setting's own, the run's override, the task reference, or a search."""
-    protocol, task = prep.protocol, prep.task
-    _, kv = parse_setting(setting)
-    if "lr" in kv:
-        return float(kv["lr"]), {"lr_source": "setting"}
-    if cfg.lr is not None:
-        return cfg.lr, {"lr_source": "run"}
-    if task.lr is None:
-        raise IclgdError(f"task {task.name!r} has no reference lr; pass --lr or add lr: to its YAML")
-    source = cfg.lr_source or protocol.lr_source
-    if source not in ("search", "reference"):
-        raise unknown_name("lr source", source, ["search", "reference"])
-    if source == "reference" or not train_seqs:
-        return task.lr, {"lr_source": "reference"}
-    return search_lr(cfg, prep, setting, loaded, train_seqs)
-
-
-def search_lr(cfg, prep: Prepared, setting, loaded, train_seqs):
-    """Pick the lr (reference x grid) with the best held-out accuracy on train-split examples.
-
-    The held-out slice comes from the demo split, disjoint from the demonstrations and never the
-    eval set (SPEC §6.4-5). Ties go to the multiple closest to 1.
-    """
-    name, _ = parse_setting(setting)
-    protocol, task = prep.protocol, prep.task
-    pool = held_out(task, cfg.seed, cfg.k, protocol.lr_search_n, cfg.data_dir, source=cfg.data_source)
-
-    held = build_prompts(loaded.tokenizer, task, Selection(demos=(), eval=tuple(pool)),
-                         separator=prep.separator)
-    gold = [e.label for e in pool]
-    quiet = EvalOptions(batch_size=cfg.batch_size, progress=False)
-    scores = {}
-    for mult in protocol.lr_grid:
-        lr = task.lr * mult
-        pcfg = process_config(setting, lr, cfg.params)
-        ctx = TrainContext(loaded.model, train_seqs, pcfg, progress=False)
-        proc = PROCESSES.get(name)()
-        try:
-            rec = proc.evaluate(ctx, proc.train(ctx), held.queries, gold, held.label_ids, prefix=held.bos,
-                                options=quiet)
-            scores[mult] = rec.accuracy
-        except IclgdError as err:  # a diverging lr is a legitimate loser of the search
-            log.info("lr search %s: lr %.3g diverged (%s)", setting, lr, err)
-            scores[mult] = -math.inf
-    best = max(scores, key=lambda m: (scores[m], -abs(math.log(m))))
-    log.info("lr search %s: %s -> x%g", setting, scores, best)
-    return task.lr * best, {"lr_source": "search", "lr_search": {str(m): s for m, s in scores.items()},
-                            "lr_search_n": len(pool)}

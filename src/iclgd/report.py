@@ -18,153 +18,18 @@ import html
 import json
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from iclgd import metrics
+from iclgd import metrics, outputs
 from iclgd.errors import DataError
-from iclgd.runfolder import DONE, safe_name
+from iclgd.runfolder import BASE_SETTINGS, Run, find_runs, safe_name
 
-BASE_SETTINGS = ("zsl", "icl")
 AVERAGE = "average"
-
-
-def _label(value: object) -> str:
-    """A short name for a config entry that may be a string or a record (task, model, protocol)."""
-    if isinstance(value, Mapping):
-        for key in ("name", "id", "alias", "hub_name", "path"):
-            if key in value:
-                return str(value[key])
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# run folders
-# ---------------------------------------------------------------------------------------------
-
-
-class _LazyRecord(Mapping):
-    """One ``records/<setting>.npz`` as a read-only mapping of torch tensors, loaded per key.
-
-    Attention logits of a 1.3B model on 2000 examples are hundreds of MB per setting, so keys are
-    read only when a metric asks for them and dropped with ``Run.release()``.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._arrays: dict[str, torch.Tensor] = {}
-        with np.load(path) as z:
-            self._keys = list(z.files)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._arrays:
-            if key not in self._keys:
-                raise KeyError(f"{self.path} has no array {key!r}; it has {self._keys}")
-            with np.load(self.path) as z:
-                self._arrays[key] = torch.from_numpy(z[key])
-        return self._arrays[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-@dataclass
-class Run:
-    """One finished run folder: its config and results, and its records loaded lazily."""
-
-    path: Path
-    config: dict
-    results: dict
-    _records: dict[str, _LazyRecord] = field(default_factory=dict, repr=False)
-
-    @property
-    def task(self) -> str:
-        return _label(self.config.get("task", "?"))
-
-    @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", -1))
-
-    @property
-    def model(self) -> str:
-        return _label(self.config.get("model", "?"))
-
-    @property
-    def protocol(self) -> str:
-        return _label(self.config.get("protocol", "?"))
-
-    @property
-    def settings(self) -> list[str]:
-        """Settings in the config's order, restricted to those with a records file."""
-        names = list(self.config.get("settings") or self.results)
-        return [s for s in names if self.record_path(s).exists()]
-
-    def record_path(self, setting: str) -> Path:
-        return self.path / "records" / f"{safe_name(setting)}.npz"
-
-    def records(self, setting: str) -> Mapping[str, torch.Tensor]:
-        """Arrays of ``records/<safe_name(setting)>.npz`` as tensors, each read on first access."""
-        if setting not in self._records:
-            p = self.record_path(setting)
-            if not p.exists():
-                raise DataError(f"{self.path}: no records for setting {setting!r} (expected {p})")
-            self._records[setting] = _LazyRecord(p)
-        return self._records[setting]
-
-    def is_process(self, setting: str) -> bool:
-        """True for optimization processes: results.json's "process" is set (not null)."""
-        entry = self.results.get(setting) or {}
-        if "process" in entry:
-            return entry["process"] is not None
-        return setting not in BASE_SETTINGS
-
-    def release(self) -> None:
-        """Forget loaded arrays (the next access reads the file again)."""
-        self._records.clear()
-
-
-def load_run(path: str | Path) -> Run:
-    """Read one run folder's config.json and results.json (records stay on disk until used)."""
-    path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-        results = json.loads((path / "results.json").read_text())
-    except FileNotFoundError as e:
-        raise DataError(f"{path} is not a run folder: {e.filename} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON ({e})") from None
-    return Run(path=path, config=config, results=results)
-
-
-def find_runs(root: str | Path) -> list[Run]:
-    """Finished run folders at or below ``root``, sorted by (model, protocol, task, seed, path).
-
-    A folder is a run folder if it holds ``config.json``; one without ``DONE`` is unfinished and
-    is skipped with a warning.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root} does not exist")
-    dirs = (
-        [root]
-        if (root / "config.json").exists()
-        else sorted(p.parent for p in root.rglob("config.json"))
-    )
-    runs = []
-    for d in dirs:
-        if not (d / DONE).exists():
-            warnings.warn(f"skipping unfinished run folder {d} (no DONE file)", stacklevel=2)
-            continue
-        runs.append(load_run(d))
-    return sorted(runs, key=lambda r: (r.model, r.protocol, r.task, r.seed, str(r.path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,12 +62,28 @@ class Cell:
     scalars: dict[Key, float] = field(default_factory=dict)
     curves: dict[Key, np.ndarray] = field(default_factory=dict)  # [layer]
     grad_norms: dict[str, np.ndarray] = field(default_factory=dict)  # setting -> [layer, step]
+    flagged: set[str] = field(default_factory=set)  # settings with a degenerate-result flag
+
+    def is_flagged(self, key: Key) -> bool:
+        """Whether a value of this cell rests on a flagged setting (iclgd.flags)."""
+        return bool(self.flagged & _depends(key, self.run.settings))
+
+
+def _depends(key: Key, settings: list[str]) -> set[str]:
+    """The settings a table entry is computed from."""
+    table, column = key
+    if table == "accuracy":
+        return {column}
+    first = column.split(" ")[0]
+    own = {first} if first in settings else set()
+    return {"zsl", "icl", *own, *(ALPHA_PAIR if table == "alpha" else ())}
 
 
 def _cell_values(run: Run) -> Cell:
     """Every metric this run's settings allow (settings absent from the run are simply absent)."""
     cell = Cell(run)
     settings = run.settings
+    cell.flagged = {s for s in settings if run.flags(s)}
     recs = {s: run.records(s) for s in settings}
     procs = [s for s in settings if run.is_process(s)]
     for s in settings:
@@ -240,6 +121,7 @@ class Stat:
     mean: float
     sd: float
     n: int  # seeds (task rows) or tasks (average rows) that contributed
+    flagged: bool = False  # some contributing cell's setting is flagged as degenerate
 
 
 @dataclass
@@ -268,6 +150,7 @@ def _aggregate_task(task: str, cells: list[Cell]) -> TaskAgg:
             if k in c.scalars or k in c.curves
         ]
         values[k] = _stat(per_seed)
+        values[k].flagged = any(c.is_flagged(k) for c in cells if k in c.scalars or k in c.curves)
         layer_curves = [c.curves[k] for c in cells if k in c.curves]
         if layer_curves:
             mean, sd = metrics.mean_sd(layer_curves)
@@ -288,7 +171,10 @@ def _aggregate_task(task: str, cells: list[Cell]) -> TaskAgg:
 def _average(tasks: list[TaskAgg]) -> dict[Key, Stat]:
     """Mean of per-task means; sd across those means (module docstring)."""
     keys = dict.fromkeys(k for t in tasks for k in t.values)
-    return {k: _stat([t.values[k].mean for t in tasks if k in t.values]) for k in keys}
+    out = {k: _stat([t.values[k].mean for t in tasks if k in t.values]) for k in keys}
+    for k, stat in out.items():
+        stat.flagged = any(t.values[k].flagged for t in tasks if k in t.values)
+    return out
 
 
 @dataclass
@@ -335,7 +221,7 @@ def _fmt(stat: Stat | None, decimals: int) -> str:
     if math.isnan(stat.mean):
         return "n/a"
     sd = "—" if math.isnan(stat.sd) else f"{stat.sd:.{decimals}f}"
-    return f"{stat.mean:.{decimals}f} ± {sd}"
+    return f"{stat.mean:.{decimals}f} ± {sd}" + (" †" if stat.flagged else "")
 
 
 def _table_rows(name: str, groups: list[Group]) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -404,80 +290,116 @@ def _html_table(name: str, groups: list[Group]) -> str:
 
 
 def _provenance(groups: list[Group]) -> list[str]:
-    """Markdown bullet lines: which model, protocol, tasks and seeds, k and eval n made this."""
+    """Markdown bullet lines: how each group's runs were made (the run folders' provenance)."""
     lines = []
     for g in groups:
         cfgs = [r.config for r in g.runs]
         ks = sorted({str(c.get("k", "?")) for c in cfgs})
-        ns = sorted(
-            {
-                str(e.get("n"))
-                for r in g.runs
-                for e in r.results.values()
-                if isinstance(e, Mapping) and e.get("n") is not None
-            }
-        )
-        lines.append(
-            f"- **model** {g.model} · **protocol** {g.protocol} · **k** {', '.join(ks)}"
-            f" · **eval n** {', '.join(ns) or '?'}"
-        )
+        ns = sorted({str(e.get("n")) for r in g.runs for e in r.results.values()
+                     if isinstance(e, Mapping) and e.get("n") is not None})
+        lines.append(f"- **model** {g.model} · **protocol** {g.protocol} · **k** {', '.join(ks)}"
+                     f" · **eval n** {', '.join(ns) or '?'}")
         for t in g.tasks:
             lines.append(f"  - {t.task}: seeds {', '.join(map(str, t.seeds))}")
         settings = dict.fromkeys(s for r in g.runs for s in r.settings)
         lines.append(f"  - settings: {', '.join(settings)}")
-        for key in ("git_hash", "git", "versions"):
-            vals = {json.dumps(c[key], sort_keys=True) for c in cfgs if key in c}
+        models = {json.dumps({k: (c.get("model") or {}).get(k) for k in ("source", "revision", "commit", "gguf_sha256",
+                                                                        "dtype", "device")}, sort_keys=True)
+                  for c in cfgs if isinstance(c.get("model"), Mapping)}
+        for m in sorted(models):
+            lines.append(f"  - model identity: {m}")
+        prov = [r.provenance for r in g.runs]
+        for key, label in (("versions", "versions"), ("git_hash", "iclgd git commit"), ("torch_threads", "torch threads"),
+                           ("platform", "platform"), ("command", "command")):
+            vals = sorted({json.dumps(p[key], sort_keys=True) if not isinstance(p[key], str) else p[key]
+                           for p in prov if p.get(key) is not None})
             if vals:
-                lines.append(f"  - {key}: {'; '.join(sorted(vals))}")
+                lines.append(f"  - {label}: {'; '.join(vals)}")
     return lines
 
 
-def _collect_runs(run_dirs) -> list[Run]:
+def _flag_lines(groups: list[Group]) -> list[str]:
+    """Markdown lines naming every flagged (degenerate) setting of every run (iclgd.flags)."""
+    lines = []
+    for g in groups:
+        for r in g.runs:
+            for s in r.settings:
+                for f in r.flags(s):
+                    lines.append(f"- {g.model} · {r.task} s{r.seed} · **{s}**: {f['code']}: {f['message']}")
+    return lines
+
+
+def _collect_runs(run_dirs) -> tuple[list[Run], list[tuple[Path, str]]]:
     items = [run_dirs] if isinstance(run_dirs, (str, Path, Run)) else list(run_dirs)
     runs: list[Run] = []
+    skipped: list[tuple[Path, str]] = []
     for item in items:
-        runs += [item] if isinstance(item, Run) else find_runs(item)
+        if isinstance(item, Run):
+            runs.append(item)
+            continue
+        found, skip = find_runs(item)
+        runs += found
+        skipped += skip
     if not runs:
-        raise DataError(f"no finished run folders (with a DONE file) under {run_dirs}")
-    return runs
+        why = "".join(f"; {p}: {reason}" for p, reason in skipped[:5])
+        raise DataError(f"no finished run folders (with a DONE file) under {run_dirs}{why}")
+    return runs, skipped
 
 
-def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str | Path) -> Path:
+def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str | Path,
+                 overwrite: bool = False) -> Path:
     """Write tables, figures, ``summary.md`` and ``report.html`` for the given runs into out_dir.
 
-    ``run_dirs``: a root searched with ``find_runs``, or a list of run folders / roots / Runs.
-    Layout of out_dir: ``summary.md`` (provenance and every table), ``tables/<name>.md`` and
-    ``tables/<name>.csv``, ``figures/*.png``, ``report.html`` (self-contained). Tables and
-    figures show whatever settings the runs have; GD-vs-LCGD figures and the α table need both.
-    Returns the path of ``report.html``.
+    ``run_dirs``: a root searched with ``runfolder.find_runs``, or a list of run folders / roots /
+    Runs. Folders that are not finished run folders are skipped and named in the report (and on
+    stderr). Layout of out_dir: ``summary.md`` (provenance, flags and every table),
+    ``tables/<name>.md`` and ``tables/<name>.csv``, ``figures/*.png``, ``report.html``
+    (self-contained). iclgd only replaces files it wrote there (iclgd.outputs). Returns the path of
+    ``report.html``.
     """
+    import sys
+
     from iclgd import report_figures  # matplotlib is slow to import; only here
 
-    runs = _collect_runs(run_dirs)
-    groups = _groups(runs)
     out = Path(out_dir)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    outputs.check_out(out, "report", overwrite, names=["summary.md", "report.html"])
+    runs, skipped = _collect_runs(run_dirs)
+    for path, reason in skipped:
+        print(f"report: skipped {path}: {reason}", file=sys.stderr)
+    groups = _groups(runs)
+    tmp = outputs.staging_dir(out)
+    try:
+        (tmp / "tables").mkdir()
+        (tmp / "figures").mkdir()
+        md_parts, html_parts = [], []
+        for name in TABLES:
+            md = _markdown(name, groups)
+            if not md:
+                continue
+            (tmp / "tables" / f"{name}.md").write_text(md)
+            _write_csv(name, groups, tmp / "tables" / f"{name}.csv")
+            md_parts.append(md)
+            html_parts.append(_html_table(name, groups))
+        figures: list[Path] = []
+        for g in groups:
+            suffix = "" if len(groups) == 1 else f"_{safe_name(g.model)}_{safe_name(g.protocol)}"
+            figures += report_figures.draw_all(g.tasks, tmp / "figures", suffix)
+        provenance = _provenance(groups)
+        notes = _flag_lines(groups)
+        notes = (["## Flags (degenerate results; their table entries carry †)", "", *notes, ""] if notes else [])
+        if skipped:
+            notes += ["## Skipped folders", "", *(f"- {p}: {why}" for p, why in skipped), ""]
+        summary = ["# iclgd report", "", f"Built from {len(runs)} run folder(s).", "", *provenance]
+        summary += ["", LEGEND, "", *notes, *md_parts]
+        (tmp / "summary.md").write_text("\n".join(summary))
+        (tmp / "report.html").write_text(
+            report_figures.html_page(provenance, LEGEND, "".join(html_parts), figures,
+                                     notes))
+        outputs.write_marker(tmp, "report", [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()])
+        outputs.move_into(tmp, out, "report")
+    except BaseException:
+        import shutil
 
-    md_parts, html_parts = [], []
-    for name in TABLES:
-        md = _markdown(name, groups)
-        if not md:
-            continue
-        (out / "tables" / f"{name}.md").write_text(md)
-        _write_csv(name, groups, out / "tables" / f"{name}.csv")
-        md_parts.append(md)
-        html_parts.append(_html_table(name, groups))
-
-    figures: list[Path] = []
-    for g in groups:
-        suffix = "" if len(groups) == 1 else f"_{safe_name(g.model)}_{safe_name(g.protocol)}"
-        figures += report_figures.draw_all(g.tasks, out / "figures", suffix)
-
-    provenance = _provenance(groups)
-    summary = ["# iclgd report", "", f"Built from {len(runs)} run folder(s).", "", *provenance]
-    summary += ["", LEGEND, "", *md_parts]
-    (out / "summary.md").write_text("\n".join(summary))
-    page = out / "report.html"
-    page.write_text(report_figures.html_page(provenance, LEGEND, "".join(html_parts), figures))
-    return page
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "report.html"

@@ -195,9 +195,13 @@ def draw_all(tasks: list[TaskAgg], fig_dir: Path, suffix: str = "") -> list[Path
     return [p for p in out if p is not None]
 
 
-def html_page(provenance_md: list[str], legend: str, tables_html: str, figures: list[Path]) -> str:
-    """One self-contained HTML page: provenance first, then tables, then the PNGs as base64."""
+def html_page(provenance_md: list[str], legend: str, tables_html: str, figures: list[Path],
+              notes_md: list[str] = ()) -> str:
+    """One self-contained HTML page: provenance first, then notes (flags, skipped folders), then
+    tables, then the PNGs as base64."""
     e = html.escape
+    notes = "".join(f"<h2>{e(line[3:])}</h2>" if line.startswith("## ") else f"<li>{e(line.lstrip('- '))}</li>"
+                    for line in notes_md if line.strip())
     prov = "".join(
         f"<li style='margin-left:{len(line) - len(line.lstrip())}em'>"
         f"{e(line.strip().lstrip('- ').replace('**', ''))}</li>"
@@ -218,7 +222,7 @@ def html_page(provenance_md: list[str], legend: str, tables_html: str, figures: 
     return (
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>iclgd report</title>"
         f"<style>{style}</style></head><body>\n<h1>iclgd report</h1>\n"
-        f"<h2>Provenance</h2><ul>{prov}</ul>\n"
+        f"<h2>Provenance</h2><ul>{prov}</ul>\n{notes}\n"
         f"<h2>Tables</h2>\n<p>{e(legend)}</p>\n{tables_html}"
         f"<h2>Figures</h2>\n{imgs}</body></html>\n"
     )

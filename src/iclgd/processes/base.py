@@ -11,18 +11,22 @@ every process start from the same θ0 and nothing leaks from one process into th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from iclgd import arch
 from iclgd.errors import IclgdError, NonFiniteError
-from iclgd.evaluate import EvalOptions, Record, evaluate
+from iclgd.plan import BASE_SETTINGS, CLIP_MODES, ProcessOption
 from iclgd.registry import Registry
 
-CLIP_MODES = ("global_l2", "layer_l2", "value", "match_gd")
+if TYPE_CHECKING:  # evaluate imports transformers: loaded only when a process evaluates
+    from iclgd.evaluate import EvalOptions, Record
+    from iclgd.flops import CellTokens, ModelDims
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class TrainResult:
     delta: dict[str, torch.Tensor]  # θ − θ0 for each trained parameter
     grad_norms: torch.Tensor  # [layer, step] ℓ2 norm of each layer's gradient (before clipping)
     losses: torch.Tensor  # [step]
+    loss_after: float | None = None  # the first batch's loss at the trained weights (iclgd.flags)
 
     def params(self, theta0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: theta0[n] + d for n, d in self.delta.items()}
@@ -85,11 +90,25 @@ PROCESSES: Registry[type[Process]] = Registry("process")
 
 
 def register_process(name: str):
-    """Class decorator: `@register_process("gd")` makes the class available by name."""
+    """Class decorator: `@register_process("gd")` makes a `Process` subclass available by name.
+
+    Refuses (IclgdError) a class that is not a Process, a name the setting grammar cannot spell or
+    that zsl/icl already use, and a name another class holds (the same class loaded again, e.g. a
+    plugin imported twice, replaces itself)."""
 
     def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Process)):
+            raise IclgdError(f"@register_process({name!r}) decorates {cls!r}, which is not a subclass of "
+                             "iclgd.processes.Process; subclass Process (or GD) and implement grads()")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in BASE_SETTINGS:
+            raise IclgdError(f"process name {name!r} must be letters, digits, '_', '.', '-' and not zsl or icl")
+        if name in PROCESSES:
+            old = PROCESSES.get(name)
+            if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise IclgdError(f"process {name!r} is already registered by {old.__module__}.{old.__qualname__}; "
+                                 f"register {cls.__module__}.{cls.__qualname__} under another name")
         cls.name = name
-        PROCESSES.add(name, cls)
+        PROCESSES.add(name, cls, overwrite=True)
         return cls
 
     return deco
@@ -101,9 +120,13 @@ def token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class Process:
-    """Base class: SGD with momentum 0, one step per demonstration in demonstration order."""
+    """Base class: SGD with momentum 0, one step per demonstration in demonstration order.
+
+    `options` declares the setting options this process takes beyond the common ones
+    (iclgd.plan's grammar), e.g. LCGD's `{"exit": ProcessOption("block", ("block", "attn"))}`."""
 
     name = "process"
+    options: ClassVar[dict[str, ProcessOption]] = {}
 
     def grads(self, ctx: TrainContext, params: dict[str, torch.Tensor], batch: list[torch.Tensor]):
         """Return (loss, {name: gradient}) for one batch of demonstration sequences (each [pos])."""
@@ -140,15 +163,31 @@ class Process:
                 delta[n] = delta[n] - cfg.lr * g.detach()
             losses[step] = loss.detach()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        return TrainResult(delta, norms, losses)
+        # the first batch once more at the trained weights: did training lower its loss? (flags)
+        params = {n: (ctx.theta0[n] + delta[n]).requires_grad_(True) for n in delta}
+        loss_after = float(self.grads(ctx, params, batches[0])[0])
+        return TrainResult(delta, norms, losses, loss_after)
 
     def evaluate(self, ctx: TrainContext, result: TrainResult, queries, gold, label_ids, *,
-                 prefix=(), options: EvalOptions = EvalOptions(), pad_id: int = 0) -> Record:
+                 prefix=(), options: EvalOptions | None = None, pad_id: int = 0) -> Record:
         """Run the query prompts alone with the trained parameters (SPEC §1)."""
+        from iclgd.evaluate import EvalOptions, evaluate
+
         rec = evaluate(ctx.model, queries, gold, label_ids, prefix=prefix, params=result.params(ctx.theta0),
-                       options=options, pad_id=pad_id, desc=f"eval {self.name}")
+                       options=options or EvalOptions(), pad_id=pad_id, desc=f"eval {self.name}")
         rec.extras.update(grad_norms=result.grad_norms, losses=result.losses)
         return rec
+
+    def train_flops(self, dims: ModelDims, seq_len: int) -> int:
+        """The FLOP floor of training on one sequence of `seq_len` tokens (iclgd.flops); a process
+        without one is left out of `iclgd bench`'s floor."""
+        raise NotImplementedError(f"process {self.name!r} has no FLOP model")
+
+    def eval_flops(self, dims: ModelDims, tokens: CellTokens) -> int:
+        """The FLOP floor of evaluating the queries: by default ZSL's (the query alone)."""
+        from iclgd.flops import query_flops
+
+        return query_flops(dims, tokens)
 
 
 def layer_norms(grads: dict[str, torch.Tensor], layer_of: dict[str, int], n_layers: int) -> torch.Tensor:

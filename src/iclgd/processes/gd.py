@@ -23,3 +23,9 @@ class GD(Process):
         names = list(params)
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         return loss.detach(), dict(zip(names, grads))
+
+    def train_flops(self, d, seq_len: int) -> int:
+        """Logits at every position, backward through every block."""
+        from iclgd.flops import backward_flops, forward_flops
+
+        return forward_flops(d, seq_len, logits=seq_len) + backward_flops(d, seq_len, logits=seq_len)

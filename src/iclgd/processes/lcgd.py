@@ -18,10 +18,11 @@ from torch.func import functional_call
 
 from iclgd import arch
 from iclgd.errors import IclgdError
-from iclgd.evaluate import NO_LOGITS
+from iclgd.plan import ProcessOption
 from iclgd.processes.base import Process, TrainContext, TrainResult, register_process
 
 EXITS = ("block", "attn")
+NO_LOGITS = torch.zeros(0, dtype=torch.long)  # `logits_to_keep` that selects no position
 
 
 def _first(x):
@@ -134,6 +135,16 @@ def exit_loss(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor],
 
 @register_process("lcgd")
 class LCGD(Process):
+    options = {"exit": ProcessOption("block", EXITS, "after the whole block (reference code) or after the "
+                                     "attention sublayer (the paper's formula)")}
+
+    def train_flops(self, d, seq_len: int) -> int:
+        """An exit (norm + unembedding) per layer, forward and backward; backward into that block only."""
+        from iclgd.flops import backward_flops, forward_flops
+
+        exits = d.n_layers * seq_len * 2 * d.d_model * d.vocab
+        return forward_flops(d, seq_len) + backward_flops(d, seq_len, logits=0) + 2 * exits
+
     def grads(self, ctx: TrainContext, params, batch):
         model = ctx.model
         exit = ctx.config.options.get("exit", "block")

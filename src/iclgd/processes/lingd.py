@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from iclgd.capture import math_mode
 from iclgd.dual import first_order
-from iclgd.evaluate import EvalOptions, Record, evaluate
 from iclgd.processes.base import Process, TrainContext, TrainResult, register_process, token_loss
 from iclgd.processes.gd import lm_logits
 
@@ -21,6 +19,8 @@ from iclgd.processes.gd import lm_logits
 @register_process("lingd")
 class LinGD(Process):
     def grads(self, ctx: TrainContext, params, batch):
+        from iclgd.capture import math_mode
+
         model, theta0 = ctx.model, ctx.theta0
         delta = {n: (params[n] - theta0[n]).detach() for n in params}
         names = list(theta0)
@@ -41,8 +41,22 @@ class LinGD(Process):
         return total, grads
 
     def evaluate(self, ctx: TrainContext, result: TrainResult, queries, gold, label_ids, *,
-                 prefix=(), options: EvalOptions = EvalOptions(), pad_id: int = 0) -> Record:
+                 prefix=(), options=None, pad_id: int = 0):
+        from iclgd.evaluate import EvalOptions, evaluate
+
         rec = evaluate(ctx.model, queries, gold, label_ids, prefix=prefix, linearize=(ctx.theta0, result.delta),
-                       options=options, pad_id=pad_id, desc=f"eval {self.name}")
+                       options=options or EvalOptions(), pad_id=pad_id, desc=f"eval {self.name}")
         rec.extras.update(grad_norms=result.grad_norms, losses=result.losses)
         return rec
+
+    def train_flops(self, d, seq_len: int) -> int:
+        """A jvp (primal + tangent) and one backward per step."""
+        from iclgd.flops import backward_flops, forward_flops
+
+        return forward_flops(d, seq_len, logits=seq_len) + 2 * backward_flops(d, seq_len, logits=seq_len)
+
+    def eval_flops(self, d, tokens) -> int:
+        """The query as a jvp: primal plus tangent."""
+        from iclgd.flops import backward_flops, query_flops
+
+        return query_flops(d, tokens) + sum(backward_flops(d, tokens.bos + q) for q in tokens.query_lens)
