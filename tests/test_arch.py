@@ -25,6 +25,7 @@ KV_NAMES = {
     "llama": {"self_attn.k_proj.weight", "self_attn.v_proj.weight"},
     "qwen2": {f"self_attn.{p}_proj.{w}" for p in "kv" for w in ("weight", "bias")},
     "gemma3": {"self_attn.k_proj.weight", "self_attn.v_proj.weight"},
+    "xglm": {f"self_attn.{p}_proj.{w}" for p in "kv" for w in ("weight", "bias")},
 }
 # per family, the block submodule whose INPUT is the residual stream after the attention
 # sublayer (None: GPT-NeoX's parallel residual has no such point; see the test)
@@ -36,6 +37,7 @@ MID_RESIDUAL = {
     "llama": "post_attention_layernorm",
     "qwen2": "post_attention_layernorm",
     "gemma3": "pre_feedforward_layernorm",
+    "xglm": "final_layer_norm",  # XGLM's pre-MLP norm; the stack's final norm is model.layer_norm
 }
 SEQ = 12  # longer than the local/sliding windows (8) of GPT-Neo and Gemma-3
 
@@ -246,3 +248,17 @@ def test_gemma3_multimodal_wrapper_resolves():
     assert all(n is not None for n in arch.post_attn_norms(model))
     assert len(arch.trainable_params(model, "kv")) == 4
     arch.final_norm(model), arch.unembed(model)
+
+
+def test_xglm_positions_follow_fairseq():
+    """fairseq-dense (XGLM) positions: token i reads sinusoid row i + 2 (fairseq's
+    padding_idx + 1 + i with pad id 1), a prefix cache continues the count, and no row the
+    tiny model reads is zeroed (the real model's zeroed pad row 1 is never read either)."""
+    model = tiny_model("xglm")
+    pos = model.model.embed_positions
+    n = 300  # past every test prompt
+    table = pos.get_embedding(n + 2, D_MODEL, padding_idx=None)  # [pos, d_model], unzeroed
+    got = pos(torch.arange(n)[None])[0]  # [pos, d_model]
+    torch.testing.assert_close(got, table[2:])
+    assert (got.abs().sum(-1) > 0).all()
+    torch.testing.assert_close(pos(torch.arange(5)[None] + 10, cache_length=10)[0], table[12:17])

@@ -14,6 +14,7 @@ from iclgd.attention import (
     prefix_attention,
 )
 from iclgd.capture import Plan, capture, has_capture_leftovers, use_iclgd_attention
+from iclgd.errors import IclgdError
 from iclgd.evaluate import EvalOptions, evaluate, pad_right, run_captured
 
 from tiny import FAMILIES, tiny_model
@@ -55,7 +56,48 @@ def test_softmax_of_captured_rows_equals_model_attention(family):
     assert not has_capture_leftovers(model)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "opt"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_leaves_the_models_outputs_unchanged(family):
+    """Captured attention outputs and logits == an uncaptured eager forward of the same model
+    (read by plain hooks): capturing does not change what the model computes, including where
+    the capture runs its own attention forward (XGLM)."""
+    model = tiny_model(family)
+    ids, mask = pad_right(SEQS, 2)
+    plan = _plan(SEQS)
+    b = torch.arange(len(SEQS))
+    outs, handles = {}, []
+    for layer, mod in enumerate(arch.attention_modules(model)):
+        handles.append(mod.register_forward_hook(lambda m, a, o, layer=layer: outs.__setitem__(layer, o[0])))
+    try:
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits[b, plan.pred_pos]  # [batch, vocab]
+    finally:
+        for h in handles:
+            h.remove()
+    use_iclgd_attention(model)
+    with torch.no_grad(), capture(model, plan) as cap:
+        model(ids, attention_mask=mask, logits_to_keep=1)
+    for layer in range(2):
+        torch.testing.assert_close(cap.attn_out[layer], outs[layer][b, plan.record_pos], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cap.logits, logits, atol=1e-4, rtol=1e-4)
+    assert not has_capture_leftovers(model)
+
+
+def test_xglm_capture_refuses_a_model_without_eager_masks():
+    """XGLM's inline attention adds the mask it is given and nothing else: under sdpa's mask
+    function a batch without padding gets no mask and the model is silently bidirectional."""
+    model = tiny_model("xglm")
+    ids = torch.tensor([SEQS[0]])
+    with torch.no_grad():
+        causal = model(ids).logits
+        model.config._attn_implementation = "sdpa"  # what set_attn_implementation refuses to do
+        assert not torch.allclose(model(ids).logits[0, 0], causal[0, 0])  # the hazard is real
+        with pytest.raises(IclgdError, match="eager"), capture(model, _plan([SEQS[0]])):
+            model(ids)
+    assert not has_capture_leftovers(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "opt", "xglm"])
 def test_attention_output_equals_manual_recomputation(family):
     """attn_out at the recording position == o_proj(softmax(scores) @ V), V from the v projection."""
     model = tiny_model(family)

@@ -35,7 +35,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neo"])  # gpt_neo: no sdpa, falls back
+@pytest.mark.parametrize("family", ["llama", "gpt_neo", "xglm"])  # gpt_neo, xglm: no sdpa, fall back
 def test_load_local_folder(tmp_path, family):
     ref = _save_tiny(tmp_path / "m", family)
     lm = load_model(str(tmp_path / "m"))

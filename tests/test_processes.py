@@ -85,7 +85,7 @@ def test_lcgd_layer_gradient_ignores_layers_above(family, exit):
             assert not torch.allclose(g_before[n], g_after[n])  # the check can fail
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "xglm"])
 def test_lcgd_loss_is_the_sum_of_every_exits_token_loss(family):
     """Reference: each block's output from output_hidden_states through the final norm and the
     unembedding, one token loss per layer, summed; the last block's exit is the model's own logits."""

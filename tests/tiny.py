@@ -2,9 +2,11 @@
 
 Every model: 2 decoder blocks, d_model 32, 4 query heads (2 key/value heads where the family
 groups them), zero dropout, >= 256 positions, bos/eos/pad = 0/1/2 (the ids of the tiny
-tokenizer in `tests/tiny_tokenizer.py`), eval mode, float32, weights fixed by `seed`.
+tokenizer in `tests/tiny_tokenizer.py`; XGLM's config names no pad id, see `_config`), eval mode, float32, weights fixed by `seed`.
 Family quirks are kept on purpose so tests exercise them: GPT-Neo has a local layer, Gemma-3
-has a sliding-window layer, Qwen2 has q/k/v biases, GPT-NeoX has its fused per-head qkv.
+has a sliding-window layer, Qwen2 has q/k/v biases, GPT-NeoX has its fused per-head qkv, XGLM
+(fairseq-dense) has sinusoidal positions offset by 2, embeddings scaled by sqrt(d_model), a tied
+head and its own inline attention.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-FAMILIES = ("gpt2", "gpt_neo", "gpt_neox", "opt", "llama", "qwen2", "gemma3")
+FAMILIES = ("gpt2", "gpt_neo", "gpt_neox", "opt", "llama", "qwen2", "gemma3", "xglm")
 
 D_MODEL, N_LAYERS, N_HEADS, N_KV_HEADS, N_POS = 32, 2, 4, 2, 512
 SPECIAL = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
@@ -75,6 +77,24 @@ def _config(family: str, vocab_size: int) -> tf.PretrainedConfig:
             activation_dropout=0.0,
             layerdrop=0.0,
             **common,
+        )
+    if family == "xglm":
+        # XGLM reads sinusoid row p + 2 for position p (fairseq's offset for its pad id 1) and
+        # zeroes row pad_token_id. The real model's pad 1 zeroes a row it never reads; pad 2 would
+        # zero position 0's row (the start token's), so this config names no pad id (the
+        # tokenizer's pad 2 still pads). 2 + N_POS rows cover every test prompt (and XGLM grows
+        # the table past them).
+        return tf.XGLMConfig(
+            d_model=D_MODEL,
+            num_layers=N_LAYERS,
+            attention_heads=N_HEADS,
+            ffn_dim=4 * D_MODEL,
+            max_position_embeddings=N_POS,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            layerdrop=0.0,
+            **{**common, "pad_token_id": None},
         )
     gqa = dict(
         hidden_size=D_MODEL,

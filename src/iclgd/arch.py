@@ -5,7 +5,7 @@ and value projections" and never spells `c_attn`, `q_proj` or `self_attn`. Suppo
 family means adding one table to `SPECS` (and its tiny model to `tests/tiny.py`).
 
 Paths are dotted module paths resolved with `nn.Module.get_submodule`, checked against the
-modeling code of transformers 5.23.
+modeling code of transformers 5.23 (XGLM's against 5.24).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class ArchSpec:
     fused_layout: str | None = None
     # "interface": attention math goes through transformers' AttentionInterface
     # "gpt_neo": GPT-Neo's own `_attn(query, key, value, attention_mask)`, no 1/sqrt(d) scaling
+    # "xglm": XGLM computes attention inline in its forward (no interface call, no `_attn`), so a
+    # capture swaps that forward for `capture._xglm_forward`
     attn_kernel: str = "interface"
 
 
@@ -135,6 +137,21 @@ SPECS: dict[str, ArchSpec] = {
         final_norm="model.language_model.norm",
         unembed="lm_head",
         post_attn_norm="post_attention_layernorm",
+    ),
+    "xglm": ArchSpec(
+        # fairseq-dense GPT, the papers' own family (KoboldAI/fairseq-dense-1.3B on the Hub), and
+        # XGLM: pre-LN blocks whose `final_layer_norm` is the pre-MLP norm, the stack's final
+        # norm is model.layer_norm, lm_head is tied to model.embed_tokens
+        model_types=("xglm",),
+        layers="model.layers",
+        attn="self_attn",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        o="out_proj",
+        final_norm="model.layer_norm",
+        unembed="lm_head",
+        attn_kernel="xglm",
     ),
 }
 

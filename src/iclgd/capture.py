@@ -4,13 +4,14 @@
 per layer, the attention sublayer output at each example's recording position and the
 pre-softmax attention scores from that position to the example's own query tokens, plus the
 vocabulary logits at each example's prediction position. Everything it installs (the attention
-implementation, forward hooks, patched GPT-Neo kernels) is removed in `finally`.
+implementation, forward hooks, patched GPT-Neo kernels and XGLM forwards) is removed in `finally`.
 
 How it sees the scores: transformers routes attention through `ALL_ATTENTION_FUNCTIONS`; we
 register one function, "iclgd", that computes attention exactly as SDPA does and, when a
 capture is active for that module, also computes the recording row q·kᵀ·scaling (the model's own
 scaling, so GPT-Neo's unscaled scores are recorded as the model uses them). GPT-Neo does not use
-the interface in transformers 5, so its `_attn` method is wrapped instead (arch.attn_kernel).
+the interface in transformers 5, so its `_attn` method is wrapped instead (arch.attn_kernel);
+XGLM computes its attention inline, so its attention forward is swapped for `_xglm_forward`.
 Under forward-mode AD (LinGD) SDPA has no derivative on CPU, so `plan.math`
 switches to an explicit softmax(q·kᵀ·s + mask)·v, which the tests check equals SDPA.
 
@@ -38,6 +39,7 @@ from iclgd.attention import _expand_kv, math_attention, prefix_attention
 from iclgd.errors import IclgdError
 
 ATTN_IMPL = "iclgd"
+_UNSET = object()  # a patched attribute that had no instance value before the capture
 _STATE_ATTR = "_iclgd_capture"
 _MATH_ATTR = "_iclgd_math"
 _PREFIX_ATTR = "_iclgd_prefix"
@@ -275,7 +277,7 @@ def capture(model, plan: Plan) -> Iterator[Captured]:
     session = _Session(plan, len(attn_modules))
     session.softcap = getattr(model.config, "attn_logit_softcapping", None)
     handles = []
-    patched = []
+    patched: list[tuple[torch.nn.Module, str, object]] = []  # (owner, attribute, its instance value or _UNSET)
     if spec.attn_kernel == "interface":
         if model.config._attn_implementation != ATTN_IMPL:
             raise IclgdError("call iclgd.capture.use_iclgd_attention(model) before capturing")
@@ -284,9 +286,12 @@ def capture(model, plan: Plan) -> Iterator[Captured]:
             state = _LayerState(layer, session)
             if spec.attn_kernel == "interface":
                 setattr(module, _STATE_ATTR, state)
+            elif spec.attn_kernel == "xglm":
+                patched.append((module, "forward", vars(module).get("forward", _UNSET)))
+                module.forward = _xglm_forward(module, state)
             else:
                 owner = _gpt_neo_kernel_owner(module)
-                patched.append(owner)
+                patched.append((owner, "_attn", vars(owner).get("_attn", _UNSET)))
                 owner._attn = _gpt_neo_attn(owner, state)
 
             def out_hook(_mod, _args, output, layer=layer):
@@ -312,9 +317,11 @@ def capture(model, plan: Plan) -> Iterator[Captured]:
         for module in attn_modules:
             if hasattr(module, _STATE_ATTR):
                 delattr(module, _STATE_ATTR)
-        for owner in patched:
-            if "_attn" in vars(owner):
-                del owner._attn
+        for owner, name, before in reversed(patched):
+            if before is _UNSET:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, before)
 
 
 def _gpt_neo_attn(owner, state: _LayerState):
@@ -326,6 +333,37 @@ def _gpt_neo_attn(owner, state: _LayerState):
         return original(owner, query, key, value, attention_mask)
 
     return _attn
+
+
+def _xglm_forward(module, state: _LayerState):
+    """A forward for one XGLMAttention during a capture. transformers 5.24's XGLM computes its
+    attention inline (no interface call, no `_attn` to wrap), so this repeats its self-attention
+    path: the same projections and cache update, then the recording and softmax(q·kᵀ·s + mask)·v
+    by `math_attention`, the explicit math XGLM itself uses (it scales q before the product, this
+    scales the product: equal to rounding; tests compare with the model's own probabilities and
+    outputs). The mask is XGLM's own, additive: it runs eagerly, and its inline attention applies
+    no causal mask of its own, so a missing mask (any non-eager mask function) is an error here."""
+
+    def forward(hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
+        if key_value_states is not None:
+            raise IclgdError("XGLM cross-attention is not captured; iclgd runs decoder-only models")
+        if attention_mask is None:
+            raise IclgdError("XGLM attention got no mask: load it with attn_implementation='eager' "
+                             "(its inline attention would be bidirectional)")
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        b, t, _ = hidden_states.shape  # [batch, pos, d_model]
+
+        def heads(x):  # [batch, pos, d_model] -> [batch, head, pos, d_head]
+            return x.view(b, t, -1, module.head_dim).transpose(1, 2)
+
+        query, key, value = (heads(p(hidden_states)) for p in (module.q_proj, module.k_proj, module.v_proj))
+        if cache is not None:  # keys and values of a cached prefix come first
+            key, value = cache.update(key, value, module.layer_idx)
+        _record_scores(state, query, key, attention_mask, module.scaling)
+        out = math_attention(query, key, value, attention_mask, module.scaling)  # [batch, pos, head, d_head]
+        return module.out_proj(out.reshape(b, t, module.embed_dim)), None
+
+    return forward
 
 
 def _gpt_neo_mask(owner, query, key, attention_mask):
@@ -341,8 +379,9 @@ def _gpt_neo_mask(owner, query, key, attention_mask):
 
 def has_capture_leftovers(model) -> bool:
     """True if any iclgd hook state is still attached (tests assert this is False)."""
+    patched = ("_attn", "forward")  # GPT-Neo kernels, XGLM forwards (the tiny test models set neither)
     for module in model.modules():
-        if any(hasattr(module, a) for a in (_STATE_ATTR, _MATH_ATTR, _PREFIX_ATTR)) or "_attn" in vars(module):
+        if any(hasattr(module, a) for a in (_STATE_ATTR, _MATH_ATTR, _PREFIX_ATTR)) or any(a in vars(module) for a in patched):
             return True
         if module._forward_hooks or module._forward_pre_hooks:
             return True
