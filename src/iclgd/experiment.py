@@ -172,7 +172,7 @@ def cell_config(plan: CellPlan, identity: dict) -> dict:
     return {
         "task": plan.task.to_dict(), "seed": plan.seed, "k": plan.k,
         "model": {**identity, "revision": plan.model.revision}, "protocol": plan.protocol.to_dict(),
-        "settings": plan.labels, "label_switch": plan.label_switch, "plan": plan.to_dict(),
+        "settings": plan.labels, "label_switch": plan.label_switch, "control": plan.control, "plan": plan.to_dict(),
         "decisive": plan.decisive(), "provenance": runfolder.provenance(),
     }
 

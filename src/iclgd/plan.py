@@ -53,6 +53,7 @@ LR_SOURCES = ("search", "reference")
 RECORD_AT = ("last", "label")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("auto", "hub", "local")
+CONTROLS = ("untrained", "untrained-partial")  # SPEC §7: re-initialized models (iclgd.controls)
 
 
 class PlanError(IclgdError):
@@ -88,6 +89,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     revision: str | None = None
+    control: str | None = None  # None: the trained model; else one of CONTROLS
     progress: bool = True
 
     @classmethod
@@ -329,6 +331,7 @@ class CellPlan:
     record_at: str
     label_switch: bool
     settings: tuple[SettingPlan, ...]  # in run order: dependencies first
+    control: str | None = None  # None, or a re-initialized control model (CONTROLS)
     data_dir: str | None = None
     data_source: str = "auto"
     compute: Compute = field(default_factory=Compute)
@@ -351,6 +354,7 @@ class CellPlan:
             "model": asdict(self.model), "task": self.task.to_dict(), "seed": self.seed, "k": self.k,
             "eval_cap": self.eval_cap, "protocol": self.protocol.to_dict(), "separator": self.separator,
             "record_at": self.record_at, "label_switch": self.label_switch, "dtype": self.compute.dtype,
+            "control": self.control,
             "settings": sorted((s.to_dict() for s in self.settings), key=lambda s: s["label"]),
         }
 
@@ -385,7 +389,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
         _check_int("eval cap", cfg.eval_cap, 1)
     for what, value, choices in (("record_at", cfg.record_at, RECORD_AT), ("lr source", cfg.lr_source, LR_SOURCES),
                                  ("dtype", cfg.dtype, DTYPES), ("data source", cfg.data_source, DATA_SOURCES),
-                                 ("parameter group", cfg.params, PARAM_GROUPS)):
+                                 ("parameter group", cfg.params, PARAM_GROUPS), ("control", cfg.control, CONTROLS)):
         if value is not None and value not in choices:
             raise PlanError(str(unknown_name(what, value, list(choices))))
     if cfg.lr is not None and not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr >= 0):
@@ -418,7 +422,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     plan = CellPlan(
         model=ModelSpec(cfg.model, cfg.revision), task=task, seed=cfg.seed, k=cfg.k, eval_cap=eval_cap,
         protocol=protocol, separator=separator, record_at=cfg.record_at or protocol.record_at,
-        label_switch=cfg.label_switch, settings=tuple(settings), data_dir=cfg.data_dir,
+        label_switch=cfg.label_switch, settings=tuple(settings), control=cfg.control, data_dir=cfg.data_dir,
         data_source=cfg.data_source,
         compute=Compute(cfg.device, cfg.dtype, cfg.batch_size, cfg.cache_prefix, cfg.progress),
         out=None if out is None else Path(out), overwrite=overwrite)

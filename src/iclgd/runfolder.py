@@ -188,6 +188,11 @@ class Run:
         return _label(self.config.get("protocol", "?"))
 
     @property
+    def control(self) -> str | None:
+        """None for the trained model, else the untrained control it ran on (SPEC §7)."""
+        return self.config.get("control")
+
+    @property
     def provenance(self) -> dict:
         return self.config.get("provenance") or {}
 
