@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if "unrecognized arguments" in message:
             words = message.split(":", 1)[1].split()
-            known = [o for a in self._actions for o in a.option_strings]
+            known = _options(self)
             hints = []
             for w in words:
                 close = difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.6)
@@ -36,6 +37,17 @@ class _Parser(argparse.ArgumentParser):
             if hints:
                 message += " (" + "; ".join(hints) + ")"
         self.exit(2, f"iclgd: error: {message}\n  ({self.prog} --help lists the options)\n")
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of `parser` and of its subcommands (unknown arguments surface at the top)."""
+    out = []
+    for action in parser._actions:
+        out += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _options(sub)
+    return sorted(set(out) - {"-h", "--help"})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -159,6 +171,8 @@ def _dispatch(args) -> int:
     from iclgd.plugins import load_plugins
 
     load_plugins(getattr(args, "plugin", []))
+    if getattr(args, "quiet", False):  # transformers' own "Loading weights" bar too (read at its import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.command == "run":
         return _run(args)
     if args.command == "reproduce":

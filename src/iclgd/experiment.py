@@ -135,7 +135,7 @@ def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None
 
     plan = resolve_cell(cfg, out=out, overwrite=overwrite)
     loaded = loaded or load_model(plan.model.name, device=plan.compute.device, dtype=plan.compute.dtype,
-                                  revision=plan.model.revision)
+                                  revision=plan.model.revision, progress=plan.compute.progress)
     prep = prepare(plan, loaded)
     if prep.n_icl < plan.k and "icl" in plan.labels:
         log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", prep.n_icl, plan.k)

@@ -337,6 +337,7 @@ class CellPlan:
     compute: Compute = field(default_factory=Compute)
     out: Path | None = None
     overwrite: bool = False
+    n_eval: int | None = None  # eval examples the data gives (<= eval_cap), once the data is checked
 
     @property
     def labels(self) -> list[str]:
@@ -400,7 +401,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     if not separator:
         raise PlanError("the separator is empty; use e.g. '\\n\\n', '\\n' or eos")
     _check_device(cfg.device)
-    _check_model_name(cfg.model)
+    _check_model_name(cfg.model, cfg.revision)
 
     parsed = parse_settings(cfg.settings)
     settings = []
@@ -427,7 +428,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
         compute=Compute(cfg.device, cfg.dtype, cfg.batch_size, cfg.cache_prefix, cfg.progress),
         out=None if out is None else Path(out), overwrite=overwrite)
     if check_data:
-        check_cell_data(plan)
+        plan = replace(plan, n_eval=check_cell_data(plan))
     if check_out and plan.out is not None:
         _check_out(plan)
     return plan
@@ -491,23 +492,25 @@ def _check_device(device: str) -> None:
     raise PlanError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
-def _check_model_name(name: str) -> None:
+def _check_model_name(name: str, revision: str | None) -> None:
     from iclgd.models import check_model_name
 
-    check_model_name(name)
+    check_model_name(name, revision)
 
 
-def check_cell_data(plan: CellPlan) -> None:
+def check_cell_data(plan: CellPlan) -> int:
     """Read the cell's data and check what depends on it: k against the demo pool, a non-empty
-    eval set, enough held-out rows for every learning-rate search (DataError otherwise)."""
+    eval set, enough held-out rows for every learning-rate search (DataError otherwise). Returns
+    the number of eval examples."""
     from iclgd.data import held_out, select_examples
 
-    select_examples(plan.task, plan.seed, plan.k, plan.data_dir, eval_cap=plan.eval_cap,
-                    eval_seed=plan.protocol.eval_seed, source=plan.data_source)
+    sel = select_examples(plan.task, plan.seed, plan.k, plan.data_dir, eval_cap=plan.eval_cap,
+                          eval_seed=plan.protocol.eval_seed, source=plan.data_source)
     n = max((s.lr.search_n for s in plan.settings if s.lr is not None and s.lr.source == "search"), default=0)
     if n:
         held_out(plan.task, plan.seed, plan.k, n, plan.data_dir, plan.data_source, eval_cap=plan.eval_cap,
                  eval_seed=plan.protocol.eval_seed)
+    return len(sel.eval)
 
 
 # ---------------------------------------------------------------- a command's plan
@@ -539,8 +542,8 @@ class Plan:
             lines.append(f"plugins: {', '.join(self.plugins)}")
         for c in self.cells:
             rev = f"@{c.model.revision}" if c.model.revision else ""
-            lines.append(f"- {c.model.name}{rev} · {c.task.name} · seed {c.seed} · k {c.k} · eval cap "
-                         f"{c.eval_cap} · protocol {c.protocol.name} · separator {c.separator!r} · record at "
+            n = f"{c.n_eval} eval examples (cap {c.eval_cap})" if c.n_eval is not None else f"eval cap {c.eval_cap}"
+            lines.append(f"- {c.model.name}{rev} · {c.task.name} · seed {c.seed} · k {c.k} · {n} · protocol {c.protocol.name} · separator {c.separator!r} · record at "
                          f"{c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
                          f"{c.compute.dtype}" + (f" -> {c.out}" if c.out is not None and self.command == "reproduce"
                                                   else ""))
@@ -562,7 +565,7 @@ class Plan:
 def estimate_cell(c: CellPlan) -> dict:
     """Sequences through the model for one cell: each eval query, each training step's
     demonstrations (a full-batch step counts k), each search candidate's training and scoring."""
-    n, k = c.eval_cap, c.k
+    n, k = c.n_eval if c.n_eval is not None else c.eval_cap, c.k
     forward = backward = steps = 0
     for s in c.settings:
         if s.name == "zsl":

@@ -200,7 +200,7 @@ def html_page(provenance_md: list[str], legend: str, tables_html: str, figures: 
     """One self-contained HTML page: provenance first, then notes (flags, skipped folders), then
     tables, then the PNGs as base64."""
     e = html.escape
-    notes = "".join(f"<h2>{e(line[3:])}</h2>" if line.startswith("## ") else f"<li>{e(line.lstrip('- '))}</li>"
+    notes = "".join(f"<h2>{e(line[3:])}</h2>" if line.startswith("## ") else f"<li>{e(line.lstrip('- ').replace('**', ''))}</li>"
                     for line in notes_md if line.strip())
     prov = "".join(
         f"<li style='margin-left:{len(line) - len(line.lstrip())}em'>"

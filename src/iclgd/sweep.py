@@ -254,7 +254,7 @@ def _load(cell: CellPlan, factory: ModelFactory | None):
     from iclgd.models import load_model
 
     return load_model(cell.model.name, device=cell.compute.device, dtype=cell.compute.dtype,
-                      revision=cell.model.revision)
+                      revision=cell.model.revision, progress=cell.compute.progress)
 
 
 def _run_local(todo, root, loaded, factory, progress, owner) -> list[tuple[CellPlan, Exception]]:
