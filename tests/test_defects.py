@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import re
 import textwrap
 from pathlib import Path
 
