@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--settings", default="zsl,icl", help=SETTINGS_HELP)
     r.add_argument("--separator", default=None, help=r"demonstration separator: '\n', '\n\n' or eos")
     r.add_argument("--record-at", default=None, choices=["last", "label"])
+    r.add_argument("--icl-tokenization", default=None, choices=["piecewise", "natural"],
+                   help="tokenize the ICL prefix piece by piece or as running text (default: the protocol's)")
     r.add_argument("--label-switch", action="store_true", help="demonstrations carry deranged labels")
     r.add_argument("--params", default="kv", help="trained parameter group: kv, qkvo, attn, all")
     r.add_argument("--no-cache-prefix", action="store_true", help="re-encode demonstrations per query")
@@ -214,6 +216,7 @@ def _run(args) -> int:
 
     cfg = _run_config(args, task=args.task, seed=args.seed, k=args.k, settings=args.settings,
                       separator=_unescape(args.separator), record_at=args.record_at,
+                      icl_tokenization=args.icl_tokenization,
                       label_switch=args.label_switch, params=args.params, cache_prefix=not args.no_cache_prefix)
     out = args.out or f"runs/{Path(args.model).stem}_{Path(args.task).stem}_s{args.seed}"
     cell = resolve_cell(cfg, out=out, overwrite=args.overwrite)

@@ -52,7 +52,7 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
     pool = held_out(plan.task, plan.seed, plan.k, rule.search_n, plan.data_dir, plan.data_source,
                     eval_cap=plan.eval_cap, eval_seed=plan.protocol.eval_seed)
     held = build_prompts(loaded.tokenizer, plan.task, Selection(demos=(), eval=tuple(pool)),
-                         separator=plan.separator)
+                         separator=plan.separator, start=prep.prompts.bos[0])
     gold = [e.label for e in pool]
     quiet = EvalOptions(batch_size=plan.compute.batch_size, progress=False)
     scores: dict[float, float] = {}

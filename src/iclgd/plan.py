@@ -51,6 +51,7 @@ CLIP_MODES = ("global_l2", "layer_l2", "value", "match_gd")
 COMMON_OPTIONS = ("lr", "params", "batch", "full_batch", "clip")
 LR_SOURCES = ("search", "reference")
 RECORD_AT = ("last", "label")
+TOKENIZATIONS = ("piecewise", "natural")  # iclgd.prompts
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("auto", "hub", "local")
 CONTROLS = ("untrained", "untrained-partial")  # SPEC §7: re-initialized models (iclgd.controls)
@@ -78,6 +79,7 @@ class RunConfig:
     eval_cap: int | None = None
     separator: str | None = None
     record_at: str | None = None
+    icl_tokenization: str | None = None  # "piecewise" or "natural"; None = the protocol's
     label_switch: bool = False
     lr: float | None = None  # one learning rate for every process (else the protocol's rule)
     lr_source: str | None = None  # "search" or "reference"; None = the protocol's choice
@@ -331,6 +333,7 @@ class CellPlan:
     record_at: str
     label_switch: bool
     settings: tuple[SettingPlan, ...]  # in run order: dependencies first
+    icl_tokenization: str = "piecewise"
     control: str | None = None  # None, or a re-initialized control model (CONTROLS)
     data_dir: str | None = None
     data_source: str = "auto"
@@ -355,7 +358,7 @@ class CellPlan:
             "model": asdict(self.model), "task": self.task.to_dict(), "seed": self.seed, "k": self.k,
             "eval_cap": self.eval_cap, "protocol": self.protocol.to_dict(), "separator": self.separator,
             "record_at": self.record_at, "label_switch": self.label_switch, "dtype": self.compute.dtype,
-            "control": self.control,
+            "control": self.control, "icl_tokenization": self.icl_tokenization,
             "settings": sorted((s.to_dict() for s in self.settings), key=lambda s: s["label"]),
         }
 
@@ -388,7 +391,8 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     _check_int("batch size", cfg.batch_size, 1)
     if cfg.eval_cap is not None:
         _check_int("eval cap", cfg.eval_cap, 1)
-    for what, value, choices in (("record_at", cfg.record_at, RECORD_AT), ("lr source", cfg.lr_source, LR_SOURCES),
+    for what, value, choices in (("record_at", cfg.record_at, RECORD_AT),
+                                 ("ICL tokenization", cfg.icl_tokenization, TOKENIZATIONS),("lr source", cfg.lr_source, LR_SOURCES),
                                  ("dtype", cfg.dtype, DTYPES), ("data source", cfg.data_source, DATA_SOURCES),
                                  ("parameter group", cfg.params, PARAM_GROUPS), ("control", cfg.control, CONTROLS)):
         if value is not None and value not in choices:
@@ -424,6 +428,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
         model=ModelSpec(cfg.model, cfg.revision), task=task, seed=cfg.seed, k=cfg.k, eval_cap=eval_cap,
         protocol=protocol, separator=separator, record_at=cfg.record_at or protocol.record_at,
         label_switch=cfg.label_switch, settings=tuple(settings), control=cfg.control, data_dir=cfg.data_dir,
+        icl_tokenization=cfg.icl_tokenization or protocol.icl_tokenization,
         data_source=cfg.data_source,
         compute=Compute(cfg.device, cfg.dtype, cfg.batch_size, cfg.cache_prefix, cfg.progress),
         out=None if out is None else Path(out), overwrite=overwrite)
