@@ -135,7 +135,7 @@ def test_figures_and_html(runs_root, tmp_path):
     out = tmp_path / "report"
     page = report.build_report(runs_root, out)
     assert page == out / "report.html"
-    names = {"accuracy", "simaou_layers", "simam_delta_layers", "alpha", "grad_norms"}
+    names = {"accuracy", "simaou_layers", "simam_delta_layers", "alpha", "grad_norms", "headline_intervals"}
     for name in names:
         png = out / "figures" / f"{name}.png"
         data = png.read_bytes()
