@@ -21,7 +21,6 @@ orders come from the sorted runs (never from a set), and the PNGs carry no times
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -246,7 +245,7 @@ def _collect_runs(run_dirs) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 
 def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str | Path,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, *, figures: bool = True) -> Path:
     """Write tables, figures, claims, ``summary.md`` and ``report.html`` for the runs into out_dir.
 
     ``run_dirs``: a root searched with ``runfolder.find_runs``, or a list of run folders / roots /
@@ -254,7 +253,8 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
     stderr). Layout of out_dir: ``summary.md`` (provenance, flags, claims and every table),
     ``tables/<name>.md`` and ``.csv`` (``<name>_cells`` per cell with bootstrap intervals,
     ``claims`` and ``claims_cells``), ``figures/*.png``, ``report.html`` (self-contained). iclgd
-    only replaces files it wrote there (iclgd.outputs). Returns the path of ``report.html``.
+    only replaces files it wrote there (iclgd.outputs). ``figures=False`` skips the PNGs (most of
+    the time of a small report). Returns the path of ``report.html``.
     """
     import shutil
     import sys
@@ -291,14 +291,13 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
         claims.write_csv(results, tables_dir / "claims.csv")
         (tables_dir / "claims_cells.md").write_text(claims.cells_markdown(results))
         claims.write_cells_csv(results, tables_dir / "claims_cells.csv")
-        figures: list[Path] = []
-        for g in groups:
+        pngs: list[Path | None] = []
+        for g in groups if figures else []:
             base = "" if len(groups) == 1 else f"_{safe_name(g.model)}_{safe_name(g.protocol)}"
             for control in g.controls:
                 suffix = base if control is None else f"{base}_{safe_name(control)}"
-                figures += report_figures.draw_all(g.of(control), fig_dir, suffix)
-            figures.append(report_figures.draw_intervals(g.tasks, fig_dir / f"headline_intervals{base}.png"))
-        figures = [f for f in figures if f is not None]
+                pngs += report_figures.draw_all(g.of(control), fig_dir, suffix)
+            pngs.append(report_figures.draw_intervals(g.tasks, fig_dir / f"headline_intervals{base}.png"))
         provenance = _provenance(groups)
         notes = _flag_lines(groups)
         notes = (["## Flags (degenerate results; their table entries carry †)", "", *notes, ""] if notes else [])
@@ -311,7 +310,7 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
                    report_tables.CELLS_LEGEND, "", *cell_md]
         (tmp / "summary.md").write_text("\n".join(summary))
         (tmp / "report.html").write_text(report_figures.html_page(
-            provenance, report_tables.LEGEND, "".join(html_parts), figures, notes,
+            provenance, report_tables.LEGEND, "".join(html_parts), [p for p in pngs if p is not None], notes,
             claims_html=claims.html(results), claims_legend=claims.LEGEND,
             cells_html="".join(cell_html), cells_legend=report_tables.CELLS_LEGEND))
         outputs.write_marker(tmp, "report", sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
@@ -320,8 +319,3 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out / "report.html"
-
-
-def headline(stat: Stat | None) -> float:
-    """The mean of a Stat, NaN if absent (figures and claims read aggregates through this)."""
-    return math.nan if stat is None else stat.mean
