@@ -169,12 +169,11 @@ def _exclusion(spec: Spec, cell: Cell, other: Cell | None) -> str:
         return f"no {', '.join(missing)}"
     if other is None:
         return f"no {spec.control} run"
-    if other is not cell:
-        if spec.b not in other.values:
-            return f"no {', '.join(s for s in spec.needs if s not in other.run.settings) or spec.b[1]} in the {spec.control} run"
-        same = cell.n_examples == other.n_examples and cell.run.eval_ids() == other.run.eval_ids()
-        if not same:
-            return f"eval examples differ from the {spec.control} run's"
+    if spec.a not in cell.values or (spec.b is not None and spec.b not in other.values):
+        where = "" if other is cell else f" or the {spec.control} run"
+        return f"not computed on this cell{where} (a setting is missing)"
+    if other is not cell and (cell.n_examples != other.n_examples or cell.eval_ids != other.eval_ids):
+        return f"eval examples differ from the {spec.control} run's"
     uses = tuple(dict.fromkeys(cell.values[spec.a].uses + (cell.values[spec.b].uses if spec.b else ())))
     reason = _flag_reason(cell, uses, lambda code: code not in NOT_EXCLUDING)
     if other is not cell:
@@ -232,7 +231,7 @@ def _pool(spec: Spec, cells: list[CellEffect]) -> tuple[stats.Test | None, str]:
         return test, f"paired bootstrap over the eval examples of 1 cell ({c.label})"
     test = stats.one_sample_test(units, level=LEVEL)
     if spec.direction != 0:
-        how += f"; > 0 in {sum(u > 0 for u in units)}/{len(units)}"
+        how += f"; on the claimed side in {sum(u * spec.direction > 0 for u in units)}/{len(units)}"
     return test, how
 
 
@@ -288,7 +287,8 @@ LEGEND = (
     "replication (the seeds of one task share its eval set), so with ≥ 2 tasks a one-sample t test over the "
     "per-task effects (each the mean over the task's seeds), with one task and ≥ 2 seeds a t test over the "
     "seeds, with one cell that cell's bootstrap (the verdict then speaks for that cell only); 'on most "
-    "tasks' is tested as the mean over tasks, and the evidence column counts the tasks above 0. p (Holm): "
+    "tasks' is tested as the mean over tasks, and the evidence column counts the units (tasks or seeds) on "
+    "the claimed side. p (Holm): "
     f"Holm-Bonferroni over every directional claim of this report (family-wise α = {FAMILY_ALPHA}). "
     f"Verdict: holds if the interval excludes 0 on the claimed side and p (Holm) < {FAMILY_ALPHA}; "
     "reversed if it excludes 0 on the other side and p (Holm) < α; else inconclusive. '≈ 0' and 'small' "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -104,6 +105,11 @@ class Cell:
         uses = value.uses if value is not None else ()
         return any(self.flags.get(s) for s in uses)
 
+    @cached_property
+    def eval_ids(self) -> list:
+        """The eval examples' ids (a control pairs with the trained run only if they are equal)."""
+        return self.run.eval_ids()
+
     def indices(self) -> np.ndarray:
         """The cell's bootstrap resamples [N_BOOT, batch] (drawn again on each call: 32 MB at
         2000 examples, too much to keep for every cell of a report)."""
@@ -170,8 +176,13 @@ def _fill(cell: Cell, recs: dict, settings: list[str], procs: list[str]) -> None
         return  # every comparison below is relative to ZSL and ICL
     base = ("zsl", "icl")
 
+    memo: dict = {}
+
     def metric(name: str, process=None) -> PerExample:
-        return metrics.examples(name, recs, process, seed=seed)
+        # each metric once per cell: the F2T tables restrict the values the full tables computed
+        if (name, process) not in memo:
+            memo[name, process] = metrics.examples(name, recs, process, seed=seed)
+        return memo[name, process]
 
     for p in procs:
         add("rec2ftp", p, metric("rec2ftp", p), (*base, p))
