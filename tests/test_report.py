@@ -206,7 +206,7 @@ def test_summary_has_claims_and_controls_beside_the_trained_model(tmp_path):
     out = tmp_path / "report"
     report.build_report(root, out, figures=False)
     summary = (out / "summary.md").read_text()
-    assert "## Claims (SPEC §7)" in summary and "trained model above the untrained control's" in summary
+    assert "## Claims (SPEC §7)" in summary and "the trained model's above the untrained control's" in summary
     assert "fairseq-dense 1.3B" in summary and "holds if the interval excludes 0" in summary
     claims_csv = (out / "tables" / "claims.csv").read_text()
     assert "trained>untrained SimAM gd" in claims_csv and "icl>zsl" in claims_csv

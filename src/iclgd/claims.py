@@ -140,8 +140,8 @@ def specs(controls: list[str]) -> list[Spec]:
         for p in PAPER_PROCESSES:
             for key, metric in ((("simaou", f"{p} (norm)"), "SimAOU (norm)"), (("simaou", f"{p} (raw)"), "SimAOU (raw)"),
                                 (("simam", p), "SimAM"), (("simam_delta", p), "SimAM_Δ")):
-                out.append(Spec(f"trained>{c} {metric} {p}", f"{metric}({p.upper()}) of the trained model above "
-                                f"the {c} control's", f"{metric}({p.upper()}): trained − {c}", key, key,
+                out.append(Spec(f"trained>{c} {metric} {p}", f"{metric} of {p.upper()}: the trained model's above "
+                                f"the {c} control's", f"{metric} of {p.upper()}: trained − {c}", key, key,
                                 needs=("zsl", "icl", p), control=c))
     return out
 

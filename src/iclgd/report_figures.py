@@ -189,21 +189,25 @@ INTERVAL_PANELS = (
 HATCHES = ("", "//", "..", "xx")
 
 
-def _interval(t: TaskAgg, key) -> tuple[float, float, float]:
-    """(value, low, high) of a task row: the t interval across seeds, or with one seed the cell's
-    paired bootstrap interval over eval examples (marked in the tick label)."""
-    st = t.values.get(key)
+def _interval(t: TaskAgg | None, key) -> tuple[float, float, float, bool]:
+    """(value, low, high, bootstrap) of a task row: its t interval across seeds, or with one seed
+    the cell's paired bootstrap interval over eval examples (bootstrap True)."""
+    st = None if t is None else t.values.get(key)
     if st is None:
-        return math.nan, math.nan, math.nan
-    if st.n >= 2 or len(t.cells) != 1:
-        return st.mean, st.low, st.high
+        return math.nan, math.nan, math.nan, False
+    if len(t.cells) != 1:
+        return st.mean, st.low, st.high, False
     v = t.cells[0].values[key]
-    return v.estimate, v.low, v.high
+    return v.estimate, v.low, v.high, True
 
 
 def draw_intervals(tasks: list[TaskAgg], path: Path) -> Path | None:
-    """Headline metrics per task with 95% intervals: the trained model beside its untrained
-    controls (hatched), one colour per setting; None if no panel has data."""
+    """Headline metrics per task with 95% intervals, the trained model beside its untrained
+    controls (one hatch per model, one colour per setting); None if no panel has data.
+
+    Error bars: black, the t interval across seeds; grey, a task with one seed, whose interval
+    is the cell's paired bootstrap over eval examples (not comparable in kind: said in the title).
+    """
     panels = [(title, table, [(c, lbl) for c, lbl in cols if any((table, c) in t.values for t in tasks)])
               for title, table, cols in INTERVAL_PANELS]
     panels = [p for p in panels if p[2]]
@@ -212,26 +216,35 @@ def draw_intervals(tasks: list[TaskAgg], path: Path) -> Path | None:
     names = list(dict.fromkeys(t.task for t in tasks))
     controls = list(dict.fromkeys(t.control for t in tasks))
     by = {(t.task, t.control): t for t in tasks}
-    fig, axes = _figure(len(panels), ncols=2, width=max(PANEL_W, 1.2 + 0.9 * len(names) * len(controls) ** 0.5))
-    one_seed = {t.task for t in tasks if len(t.cells) == 1}
+    n_bars = len(names) * len(controls) * max(len(cols) for *_, cols in panels)
+    fig, axes = _figure(len(panels), ncols=2, width=max(PANEL_W, 1.0 + 0.12 * n_bars), height=PANEL_H + 0.3)
     for ax, (title, table, cols) in zip(axes, panels, strict=True):
-        series = [(c, lbl, ctl) for c, lbl in cols for ctl in controls]
+        series = [(j, c, lbl, ctl) for j, (c, lbl) in enumerate(cols) for ctl in controls]
         width = 0.8 / len(series)
-        colours = {c: f"C{i}" for i, (c, _) in enumerate(cols)}
-        for i, (col, lbl, ctl) in enumerate(series):
-            vals = [_interval(by[n, ctl], (table, col)) if (n, ctl) in by else (math.nan,) * 3 for n in names]
-            mean = np.array([v[0] for v in vals])
-            err = np.nan_to_num(np.abs(np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]])))
+        for i, (j, col, lbl, ctl) in enumerate(series):
+            vals = [_interval(by.get((n, ctl)), (table, col)) for n in names]
             x = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
-            ax.bar(x, mean, width, yerr=err, capsize=1.5, color=colours[col], edgecolor="black", linewidth=0.4,
-                   hatch=HATCHES[controls.index(ctl) % len(HATCHES)],
-                   label=lbl if ctl is None else f"{lbl} · {ctl}")
+            mean = np.array([v[0] for v in vals])
+            ax.bar(x, mean, width, color=f"C{j}", edgecolor="black", linewidth=0.4,
+                   hatch=HATCHES[controls.index(ctl) % len(HATCHES)], label=lbl if ctl == controls[0] else None)
+            for boot, colour in ((False, "black"), (True, "grey")):
+                sel = np.array([v[3] == boot for v in vals])
+                err = np.abs([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]])
+                if sel.any():
+                    ax.errorbar(x[sel], mean[sel], yerr=np.nan_to_num(err[:, sel]), fmt="none", ecolor=colour,
+                                elinewidth=0.8, capsize=1.5)
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(np.arange(len(names)), [n + ("¹" if n in one_seed else "") for n in names])
+        ax.set_xticks(np.arange(len(names)), names)
         ax.set_title(title)
-        ax.legend(fontsize="x-small", ncols=max(1, len(controls)))
-    fig.suptitle("Headline per task with 95% intervals: t across seeds\n(¹ one seed: paired bootstrap over "
-                 "eval examples)", fontsize="medium")
+        ax.legend(fontsize="x-small")
+    if len(controls) > 1:  # which hatch is which model, once for the figure
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor="white", edgecolor="black", hatch=HATCHES[i % len(HATCHES)],
+                         label="trained" if c is None else str(c)) for i, c in enumerate(controls)]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(controls), fontsize="small")
+    fig.suptitle("Headline per task with 95% intervals: black, t across seeds; grey, one seed: paired "
+                 "bootstrap over eval examples", fontsize="medium")
     return _save(fig, path)
 
 
