@@ -362,18 +362,32 @@ def _cell_rows(results: list[Result]):
             yield r, r.spec, c
 
 
-def cells_markdown(results: list[Result]) -> str:
+CELLS_HEAD = ["claim", "task", "seed", "measured [95% CI]", "p (unadjusted)", "excluded"]
+CELLS_TITLE = "Claims per cell (paired bootstrap over eval examples)"
+
+
+def _cells_body(results: list[Result]) -> list[list[str]]:
     """Per cell: the claim's quantity with its paired bootstrap interval and unadjusted p."""
-    head = ["claim", "task", "seed", "measured [95% CI]", "p (unadjusted)", "excluded"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r, s, c in _cell_rows(results):
         off = 0.0 if s.b else s.null
         measured = "" if c.excluded else (f"{_f(c.effect + off, s.decimals)} [{_f(c.low + off, s.decimals)}, "
                                           f"{_f(c.high + off, s.decimals)}]")
         p = "" if c.excluded or s.direction == 0 else _p(c.p)
-        name = " · ".join(x for x in (r.group, s.text) if x)
-        lines.append("| " + " | ".join([name, c.task, str(c.seed), measured, p, c.excluded]) + " |")
-    return "### Claims per cell (paired bootstrap over eval examples)\n\n" + "\n".join(lines) + "\n"
+        body.append([" · ".join(x for x in (r.group, s.text) if x), c.task, str(c.seed), measured, p, c.excluded])
+    return body
+
+
+def cells_markdown(results: list[Result]) -> str:
+    lines = ["| " + " | ".join(CELLS_HEAD) + " |", "|" + "---|" * len(CELLS_HEAD)]
+    lines += ["| " + " | ".join(row) + " |" for row in _cells_body(results)]
+    return f"### {CELLS_TITLE}\n\n" + "\n".join(lines) + "\n"
+
+
+def cells_html(results: list[Result]) -> str:
+    th = "".join(f"<th>{escape(h)}</th>" for h in CELLS_HEAD)
+    trs = "".join("<tr>" + "".join(f"<td>{escape(x)}</td>" for x in row) + "</tr>" for row in _cells_body(results))
+    return f"<h3>{escape(CELLS_TITLE)}</h3>\n<table><tr>{th}</tr>{trs}</table>\n"
 
 
 def write_cells_csv(results: list[Result], path: Path) -> None:

@@ -244,6 +244,34 @@ def _collect_runs(run_dirs) -> tuple[list[Run], list[tuple[Path, str]]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _write_tables(groups: list[Group], results, tables_dir: Path) -> dict[str, list[str]]:
+    """Write every table (Markdown and CSV, per task and per cell) and the claims tables into
+    tables_dir; return their Markdown and HTML for the summary and the page."""
+    from iclgd import claims, report_tables
+
+    parts: dict[str, list[str]] = {"md": [], "html": [], "cells_md": [], "cells_html": [], "claims_md": []}
+    claims_md, claims_cells_md = claims.markdown(results), claims.cells_markdown(results)
+    (tables_dir / "claims.md").write_text(claims_md)
+    claims.write_csv(results, tables_dir / "claims.csv")
+    (tables_dir / "claims_cells.md").write_text(claims_cells_md)
+    claims.write_cells_csv(results, tables_dir / "claims_cells.csv")
+    parts["claims_md"].append(claims_md)
+    parts["cells_md"].append(claims_cells_md)
+    parts["cells_html"].append(claims.cells_html(results))
+    for name in report_tables.table_names(groups):
+        stem = report_tables.file_stem(name)
+        md, cells_md = report_tables.markdown(name, groups), report_tables.cells_markdown(name, groups)
+        (tables_dir / f"{stem}.md").write_text(md)
+        report_tables.write_csv(name, groups, tables_dir / f"{stem}.csv")
+        (tables_dir / f"{stem}_cells.md").write_text(cells_md)
+        report_tables.write_cells_csv(name, groups, tables_dir / f"{stem}_cells.csv")
+        parts["md"].append(md)
+        parts["html"].append(report_tables.html_table(name, groups))
+        parts["cells_md"].append(cells_md)
+        parts["cells_html"].append(report_tables.cells_html(name, groups))
+    return parts
+
+
 def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str | Path,
                  overwrite: bool = False, *, figures: bool = True) -> Path:
     """Write tables, figures, claims, ``summary.md`` and ``report.html`` for the runs into out_dir.
@@ -273,24 +301,7 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
         tables_dir, fig_dir = tmp / "tables", tmp / "figures"
         tables_dir.mkdir()
         fig_dir.mkdir()
-        md_parts, html_parts, cell_md, cell_html = [], [], [], []
-        for name in report_tables.table_names(groups):
-            md = report_tables.markdown(name, groups)
-            stem = report_tables.file_stem(name)
-            (tables_dir / f"{stem}.md").write_text(md)
-            report_tables.write_csv(name, groups, tables_dir / f"{stem}.csv")
-            md_parts.append(md)
-            html_parts.append(report_tables.html_table(name, groups))
-            cmd = report_tables.cells_markdown(name, groups)
-            (tables_dir / f"{stem}_cells.md").write_text(cmd)
-            report_tables.write_cells_csv(name, groups, tables_dir / f"{stem}_cells.csv")
-            cell_md.append(cmd)
-            cell_html.append(report_tables.cells_html(name, groups))
-        claims_md = claims.markdown(results)
-        (tables_dir / "claims.md").write_text(claims_md)
-        claims.write_csv(results, tables_dir / "claims.csv")
-        (tables_dir / "claims_cells.md").write_text(claims.cells_markdown(results))
-        claims.write_cells_csv(results, tables_dir / "claims_cells.csv")
+        parts = _write_tables(groups, results, tables_dir)
         pngs: list[Path | None] = []
         for g in groups if figures else []:
             base = "" if len(groups) == 1 else f"_{safe_name(g.model)}_{safe_name(g.protocol)}"
@@ -304,15 +315,15 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
         if skipped:
             notes += ["## Skipped folders", "", *(f"- {p}: {why}" for p, why in skipped), ""]
         summary = ["# iclgd report", "", f"Built from {len(runs)} run folder(s).", "", *provenance, "",
-                   *notes, "## Claims (SPEC §7)", "", claims.LEGEND, "", claims_md,
-                   "## Tables", "", report_tables.LEGEND, "", *md_parts,
+                   *notes, "## Claims (SPEC §7)", "", claims.LEGEND, "", *parts["claims_md"],
+                   "## Tables", "", report_tables.LEGEND, "", *parts["md"],
                    "## Per cell: paired bootstrap 95% intervals over eval examples", "",
-                   report_tables.CELLS_LEGEND, "", *cell_md]
+                   report_tables.CELLS_LEGEND, "", *parts["cells_md"]]
         (tmp / "summary.md").write_text("\n".join(summary))
         (tmp / "report.html").write_text(report_figures.html_page(
-            provenance, report_tables.LEGEND, "".join(html_parts), [p for p in pngs if p is not None], notes,
+            provenance, report_tables.LEGEND, "".join(parts["html"]), [p for p in pngs if p is not None], notes,
             claims_html=claims.html(results), claims_legend=claims.LEGEND,
-            cells_html="".join(cell_html), cells_legend=report_tables.CELLS_LEGEND))
+            cells_html="".join(parts["cells_html"]), cells_legend=report_tables.CELLS_LEGEND))
         outputs.write_marker(tmp, "report", sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
         outputs.move_into(tmp, out, "report")
     except BaseException:
