@@ -189,7 +189,7 @@ def test_report_rebuilds_byte_identically(tmp_path):
     _write_run(root, "sst2", 2, control="untrained")  # claims against a control
     a, b = tmp_path / "a", tmp_path / "b"
     report.build_report(root, a)
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", f"from iclgd import report; report.build_report({str(root)!r}, "
                     f"{str(b)!r})"], check=True, env=env, capture_output=True)
     fa, fb = _files(a), _files(b)
