@@ -174,12 +174,12 @@ def test_truncated_records_in_a_run_folder(home, tiny_dir, capsys):
     assert code == 2 and "Traceback" not in err and "icl.npz" in err
 
 
-def test_plugin_that_is_not_there(home, tiny_dir, capsys):
+def test_plugin_that_is_not_there(home, tiny_dir, capsys, registry):
     code, _, err = cli_run(tiny_run(tiny_dir, "--plugin", "not_a_plugin", "--settings", "zsl"), capsys)
     assert code == 2 and "Traceback" not in err and "not_a_plugin" in err
 
 
-def test_readme_plugin_example_from_the_current_folder(home, tiny_dir, capsys):
+def test_readme_plugin_example_from_the_current_folder(home, tiny_dir, capsys, registry):
     text = (ROOT / "README.md").read_text()
     start = text.index("# my_adam.py")
     (home / "my_adam.py").write_text(text[start: text.index("```", start)])
@@ -188,7 +188,7 @@ def test_readme_plugin_example_from_the_current_folder(home, tiny_dir, capsys):
     assert code == 0 and "Traceback" not in err and "gd_sign" in out, err
 
 
-def test_two_processes_registered_under_one_name(home, tiny_dir, capsys):
+def test_two_processes_registered_under_one_name(home, tiny_dir, capsys, registry):
     (home / "dupe.py").write_text(textwrap.dedent("""\
         from iclgd.processes import register_process
         from iclgd.processes.gd import GD

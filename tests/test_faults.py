@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from iclgd import cli, locks, models, runfolder, sweep
-from iclgd.processes import PROCESSES
 
 from conftest import SHARED_DATA
 from tiny import tiny_model
@@ -56,15 +55,6 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(models, "load_model", refuse)
-
-
-@pytest.fixture
-def registry():
-    """Plugins register processes; give the registry back as it was."""
-    before = dict(PROCESSES._items)
-    yield
-    PROCESSES._items.clear()
-    PROCESSES._items.update(before)
 
 
 def call(argv, capsys) -> tuple[int, str, str]:
