@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from iclgd import arch, flags, runfolder
+from iclgd.controls import control_model
 from iclgd.data import Selection, select_examples, switch_labels
 from iclgd.errors import PromptError
 from iclgd.evaluate import EvalOptions, Record, evaluate
@@ -142,6 +143,8 @@ def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None
     plan = resolve_cell(cfg, out=out, overwrite=overwrite)
     loaded = loaded or load_model(plan.model.name, device=plan.compute.device, dtype=plan.compute.dtype,
                                   revision=plan.model.revision, progress=plan.compute.progress)
+    if plan.control is not None:  # a re-initialized copy (SPEC §7); the loaded model stays as it is
+        loaded = control_model(loaded, plan.control, plan.seed)
     prep = prepare(plan, loaded)
     if prep.n_icl < plan.k and "icl" in plan.labels:
         log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", prep.n_icl, plan.k)

@@ -548,8 +548,9 @@ class Plan:
         for c in self.cells:
             rev = f"@{c.model.revision}" if c.model.revision else ""
             n = f"{c.n_eval} eval examples (cap {c.eval_cap})" if c.n_eval is not None else f"eval cap {c.eval_cap}"
-            lines.append(f"- {c.model.name}{rev} · {c.task.name} · seed {c.seed} · k {c.k} · {n} · protocol {c.protocol.name} · separator {c.separator!r} · record at "
-                         f"{c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
+            ctrl = f" ({c.control} control)" if c.control else ""
+            lines.append(f"- {c.model.name}{rev}{ctrl} · {c.task.name} · seed {c.seed} · k {c.k} · {n} · protocol {c.protocol.name} · separator {c.separator!r} ({c.icl_tokenization}) · "
+                         f"record at {c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
                          f"{c.compute.dtype}" + (f" -> {c.out}" if c.out is not None and self.command == "reproduce"
                                                   else ""))
             for s in c.settings:

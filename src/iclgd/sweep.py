@@ -45,7 +45,8 @@ def cell_dir(root: str | Path, cell: CellPlan | RunConfig) -> Path:
     protocol = cell.protocol.name if isinstance(cell, CellPlan) else get_protocol(cell.protocol).name
     task = cell.task.name if isinstance(cell, CellPlan) else get_task(cell.task).name
     model = runfolder.safe_name(Path(model_name).stem if model_name.endswith(".gguf") else Path(model_name).name)
-    return Path(root) / model / runfolder.safe_name(protocol) / f"{runfolder.safe_name(task)}_s{cell.seed}"
+    control = f"_{cell.control}" if cell.control else ""
+    return Path(root) / model / runfolder.safe_name(protocol) / f"{runfolder.safe_name(task)}_s{cell.seed}{control}"
 
 
 def plan_cells(
@@ -60,10 +61,13 @@ def plan_cells(
     *,
     root: str | Path | None = None,
     check_data: bool = True,
+    controls: Sequence[str] = (),
+    control_seeds: Sequence[int] | None = None,
     **run_options,
 ) -> list[CellPlan]:
-    """One resolved CellPlan per (task, seed), tasks in the order given; with `root`, each cell's
-    folder is set (`cell_dir`).
+    """One resolved CellPlan per (task, seed), tasks in the order given, each followed by its
+    untrained controls (`controls`, SPEC §7) for the seeds in `control_seeds` (default: every
+    seed); with `root`, each cell's folder is set (`cell_dir`).
 
     `seeds` None takes each task's reference seeds (`Task.seeds`); a protocol with
     `seeds == "first"` (dai2023) keeps only the first. Explicit seeds apply to every task.
@@ -83,10 +87,12 @@ def plan_cells(
         if not task_seeds:
             raise PlanError(f"task {task.name!r} has no reference seeds; pass --seeds")
         for s in task_seeds:
-            cfg = RunConfig(model=model, task=task, seed=s, k=k, settings=tuple(settings), protocol=proto,
-                            eval_cap=eval_cap, data_dir=data_dir, **run_options)
-            out = cell_dir(root, cfg) if root is not None else None
-            cells.append(resolve_cell(cfg, out=out, check_data=check_data, check_out=False))
+            with_controls = control_seeds is None or s in control_seeds
+            for control in (None, *(controls if with_controls else ())):
+                cfg = RunConfig(model=model, task=task, seed=s, k=k, settings=tuple(settings), protocol=proto,
+                                eval_cap=eval_cap, data_dir=data_dir, control=control, **run_options)
+                out = cell_dir(root, cfg) if root is not None else None
+                cells.append(resolve_cell(cfg, out=out, check_data=check_data, check_out=False))
     dirs = [c.out for c in cells if c.out is not None]
     dupes = sorted({str(d) for d in dirs if dirs.count(d) > 1})
     if dupes:
@@ -227,7 +233,8 @@ def claimed_cells(todo: list[CellPlan], root: Path, owner: str, progress: bool):
 
 def _summary(i: int, n: int, cell: CellPlan, accuracies: dict, seconds: float, path) -> str:
     acc = "  ".join(f"{s} {a:.3f}" for s, a in accuracies.items())
-    return f"[{i}/{n}] {cell.task.name} s{cell.seed}  {acc}  ({seconds:.1f} s) -> {path}"
+    control = f" ({cell.control})" if cell.control else ""
+    return f"[{i}/{n}] {cell.task.name} s{cell.seed}{control}  {acc}  ({seconds:.1f} s) -> {path}"
 
 
 def _resolve_factory(factory: ModelFactory) -> Callable[[], object]:
