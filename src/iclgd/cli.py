@@ -242,8 +242,7 @@ def _run(args) -> int:
 
 def _reproduce(args) -> int:
     from iclgd import outputs
-    from iclgd.plan import Plan, PlanError
-    from iclgd.sweep import plan_cells, reproduce
+    from iclgd.plan import Plan, PlanError, plan_cells
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = _ints("--seeds", args.seeds)
@@ -265,6 +264,8 @@ def _reproduce(args) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
+    from iclgd.sweep import reproduce
+
     options = {"cpus_per_cell": args.cpus_per_cell}
     if args.address:
         options["address"] = args.address
