@@ -202,17 +202,20 @@ def test_two_processes_registered_under_one_name(home, tiny_dir, capsys, registr
 
 
 def test_ctrl_c(home, tiny_dir):
-    """A real SIGINT while the model loads or computes: one line, exit 130."""
+    """A real SIGINT while a sweep computes its second cell: one line, exit 130, the first cell kept."""
     import signal
-    import time
 
-    argv = [sys.executable, "-m", "iclgd.cli", *tiny_run(tiny_dir, "--settings", "zsl,icl", "--eval-cap", "800",
-                                                         "--out", "r")]
+    argv = [sys.executable, "-m", "iclgd.cli", "reproduce", "--data-dir", D, "--quiet", "--model", str(tiny_dir),
+            "--tasks", "sst2", "--seeds", "2,3", "--k", "2", "--eval-cap", "400", "--settings", "zsl,icl",
+            "--out", "rep"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
+    for line in proc.stdout:  # the first cell is finished: interrupt the second
+        if line.startswith("[1/2]"):
+            break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert (home / "rep" / "runs" / "tiny-llama" / "default" / "sst2_s2" / "DONE").exists()
 
 
 # ---------------------------------------------------------------- double work
