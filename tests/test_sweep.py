@@ -88,7 +88,7 @@ def test_interrupted_sweep_resumes_without_redoing(tmp_path, monkeypatch, capsys
     assert loads == [1]  # one load for the whole sweep
     sst2, mr = (sweep.cell_dir(tmp_path, c) for c in cells)
     assert runfolder.is_done(sst2) and not runfolder.is_done(mr)
-    assert "[1/2] sst2 s2  zsl " in capsys.readouterr().out
+    assert "[1/2] sst2 s2 k4  zsl " in capsys.readouterr().out
     stamp = (sst2 / runfolder.DONE).stat().st_mtime_ns
     before = _records(sst2)
 
@@ -146,7 +146,7 @@ def test_reproduce_cli_builds_report(tmp_path, monkeypatch, capsys):
     assert cli.main(argv) == 0
     html = tmp_path / "report" / "report.html"
     printed = capsys.readouterr().out
-    assert f"report: {html}" in printed and "[2/2] mr s2  zsl " in printed
+    assert f"report: {html}" in printed and "[2/2] mr s2 k4  zsl " in printed
     assert html.exists() and (tmp_path / "report" / "summary.md").exists()
     assert runfolder.is_done(tmp_path / "runs" / "tiny-llama" / "default" / "mr_s2")
 

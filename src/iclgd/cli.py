@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--label-switch", action="store_true", help="demonstrations carry deranged labels")
     r.add_argument("--control", default=None, choices=["untrained", "untrained-partial"],
                    help="run on a re-initialized copy of the model (SPEC §7 controls) instead of the trained one")
+    r.add_argument("--order", type=int, default=0,
+                   help="demonstration order: 0 as selected, o >= 1 the seeded permutation o (iclgd.data.demo_order)")
     r.add_argument("--params", default="kv", help="trained parameter group: kv, qkvo, attn, all")
     r.add_argument("--no-cache-prefix", action="store_true", help="re-encode demonstrations per query")
     r.add_argument("--out", default=None, help="run folder (default runs/MODEL_TASK_sSEED)")
@@ -104,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rep)
     rep.add_argument("--tasks", default="sst2,sst5,mr,subj,agnews,cb")
     rep.add_argument("--seeds", default=None, help="comma list; default: each task's protocol seeds")
-    rep.add_argument("--k", type=int, default=32)
+    rep.add_argument("--k", default="32",
+                     help="number of demonstrations, or a comma list for a k sweep (k = 0 cells run zsl and icl only)")
+    rep.add_argument("--orders", type=int, default=1,
+                     help="run ICL and every process on N demonstration orders: the original and N-1 seeded "
+                          "permutations (a k with fewer orderings gets all of them)")
     rep.add_argument("--settings", default="zsl,icl,gd,lcgd,lingd,lcgd[clip=match_gd]", help=SETTINGS_HELP)
     rep.add_argument("--controls", action="store_true",
                      help="also run every cell on the untrained and untrained-partial controls (SPEC §7)")
@@ -226,8 +232,9 @@ def _run(args) -> int:
                       separator=_unescape(args.separator), record_at=args.record_at,
                       icl_tokenization=args.icl_tokenization,
                       label_switch=args.label_switch, params=args.params, cache_prefix=not args.no_cache_prefix,
-                      control=args.control)
-    out = args.out or f"runs/{Path(args.model).stem}_{Path(args.task).stem}_s{args.seed}"
+                      control=args.control, order=args.order)
+    order = f"_o{args.order}" if args.order else ""
+    out = args.out or f"runs/{Path(args.model).stem}_{Path(args.task).stem}_s{args.seed}{order}"
     cell = resolve_cell(cfg, out=out, overwrite=args.overwrite)
     if args.dry_run:
         print(Plan("run", (cell,), cell.out, args.overwrite, plugins=tuple(args.plugin)).describe())
@@ -246,6 +253,9 @@ def _reproduce(args) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = _ints("--seeds", args.seeds)
+    ks = _ints("--k", args.k)
+    if args.orders < 1:
+        raise PlanError(f"--orders must be >= 1 (1: the original order only), got {args.orders}")
     control_seeds = _ints("--control-seeds", args.control_seeds)
     if control_seeds is not None and not args.controls:
         raise PlanError("--control-seeds needs --controls")
@@ -255,7 +265,8 @@ def _reproduce(args) -> int:
         raise PlanError("--address is for --backend ray")
     out = Path(args.out)
     outputs.check_out(out, "sweep", args.overwrite)
-    cells = plan_cells(tasks, seeds, model=args.model, protocol=args.protocol, k=args.k, settings=args.settings,
+    cells = plan_cells(tasks, seeds, model=args.model, protocol=args.protocol, k=ks, orders=args.orders,
+                       settings=args.settings,
                        eval_cap=args.eval_cap, data_dir=args.data_dir, root=out / "runs", revision=args.revision,
                        lr=args.lr, lr_source=args.lr_source, batch_size=args.batch_size, data_source=args.data_source,
                        device=args.device, dtype=args.dtype, progress=not args.quiet,
@@ -279,9 +290,12 @@ def _ints(flag: str, text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise PlanError(f"{flag} must be a comma list of integers, got {text!r}") from None
+    if not values:
+        raise PlanError(f"{flag} is empty; give a comma list of integers")
+    return values
 
 
 def _report(args) -> int:

@@ -12,7 +12,8 @@ Sources, in the order ``source="auto"`` tries them:
    pattern with ``{split}``) is read directly; see ``iclgd.tasks``.
 
 Selection follows SPEC §5: the eval set is the eval split shuffled with seed 1 and capped;
-the demonstrations are the first k of the demo split shuffled with the run seed. Shuffles
+the demonstrations are the first k of the demo split shuffled with the run seed. Order
+sensitivity reruns a cell on permutations of those same k demonstrations (``demo_order``). Shuffles
 are exactly ``datasets.Dataset.shuffle(seed=s)``, whose permutation is
 ``np.random.default_rng(s).permutation(n)`` (datasets/arrow_dataset.py, ``shuffle``), so a
 selection made from the local copy picks the same row ids as one made from the Hub.
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -333,6 +336,37 @@ def select_examples(
             f"{len(eval_pool)} rows, cap {cap}, {len(exclude)} used as demonstrations)"
         )
     return Selection(demos=tuple(demos), eval=tuple(evals))
+
+
+def n_orderings(k: int) -> int:
+    """How many distinct orders k demonstrations have: k! (capped where it no longer matters)."""
+    return math.factorial(k) if k <= 20 else 2**63
+
+
+def demo_order(k: int, seed: int, order: int) -> tuple[int, ...]:
+    """Permutation ``order`` of a run's k demonstrations: positions into the selected list.
+
+    Order 0 is the identity (the selection's own order, what every cell without orders uses).
+    Order o >= 1 is ``np.random.default_rng(s).permutation(k)`` with s a stable hash of
+    ("iclgd-order", run seed, o, attempt): seeded by the run seed and o only, so the same request
+    gives the same permutation on any machine, and it is independent of the demonstration shuffle
+    (``default_rng(seed)``). Attempt 0 is taken unless it repeats an order below o (the identity
+    included), then attempt 1, ...: the orders 0..o are distinct, so no order is a silent copy of
+    another (which at k = 4 would happen once in 24). Needs order < k! (``n_orderings``).
+    """
+    if not 0 <= order < n_orderings(k):
+        raise ValueError(f"order {order} is not one of the {n_orderings(k)} orderings of k = {k}")
+    seen = [tuple(range(k))]
+    for o in range(1, order + 1):
+        attempt = 0
+        while True:
+            digest = hashlib.sha256(f"iclgd-order:{seed}:{o}:{attempt}".encode()).digest()
+            perm = tuple(int(i) for i in np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(k))
+            if perm not in seen:
+                break
+            attempt += 1
+        seen.append(perm)
+    return seen[order]
 
 
 def held_out(

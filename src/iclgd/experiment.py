@@ -3,7 +3,8 @@
 `run(RunConfig(...) or CellPlan)` is the one Python call behind `iclgd run`. It resolves the
 request into a plan first (iclgd.plan: every input checked, nothing loaded), then loads the
 model, builds the prompts and checks that they fit, and only then computes. All settings share
-the model, the task, the seed and one list of k demonstrations (SPEC §1). ZSL and ICL evaluate
+the model, the task, the seed and one list of k demonstrations in one order (SPEC §1, §6.2; a
+cell's `order` permutes that list in `prepare`, before any prompt or training sequence is built). ZSL and ICL evaluate
 the query with the original weights; every process trains on the demonstrations from θ0 with
 the learning rate its plan gives (fixed, or chosen by iclgd.lrsearch), then evaluates the query
 alone with the same capture.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from iclgd import arch, flags, runfolder
 from iclgd.controls import control_model
-from iclgd.data import Selection, select_examples, switch_labels
+from iclgd.data import Selection, demo_order, select_examples, switch_labels
 from iclgd.errors import PromptError
 from iclgd.evaluate import EvalOptions, Record, evaluate
 from iclgd.lrsearch import choose_lr
@@ -101,6 +102,8 @@ def prepare(plan: CellPlan, loaded) -> Prepared:
     task = plan.task
     sel = select_examples(task, plan.seed, plan.k, plan.data_dir, eval_cap=plan.eval_cap,
                           eval_seed=plan.protocol.eval_seed, source=plan.data_source)
+    if plan.order:  # permuted before anything is built from the list: ICL and every process see this order
+        sel = Selection(demos=tuple(sel.demos[i] for i in demo_order(plan.k, plan.seed, plan.order)), eval=sel.eval)
     gold_demo = [d.label for d in sel.demos]
     demo_labels = switch_labels(gold_demo, task.n_classes) if plan.label_switch else gold_demo
     tok = loaded.tokenizer
@@ -182,7 +185,8 @@ def cell_config(plan: CellPlan, identity: dict, prompt_info: dict | None = None)
         "prompts": prompt_info or {},
         "task": plan.task.to_dict(), "seed": plan.seed, "k": plan.k,
         "model": {**identity, "revision": plan.model.revision}, "protocol": plan.protocol.to_dict(),
-        "settings": plan.labels, "label_switch": plan.label_switch, "control": plan.control, "plan": plan.to_dict(),
+        "settings": plan.labels, "label_switch": plan.label_switch, "control": plan.control,
+        "order": plan.order, "demo_order": list(demo_order(plan.k, plan.seed, plan.order)), "plan": plan.to_dict(),
         "decisive": plan.decisive(), "provenance": runfolder.provenance(),
     }
 

@@ -6,7 +6,9 @@ fully resolved (learning-rate rule and where it came from, trained parameters, b
 clipping, process options with their defaults), the protocol's choices, the output folder and
 what depends on what; and a `Plan` holding the cells of one command. Everything downstream
 (experiment, sweep, bench, report) reads these objects; nothing re-parses a setting string or
-re-states a default. Resolving checks every input, the data included (k against the demo pool,
+re-states a default. A cell's `order` (0: the demonstrations as selected; o >= 1: the seeded
+permutation o of the same demonstrations, `iclgd.data.demo_order`) is decisive: ICL and every
+process of the cell see that one order (SPEC §6.2). Resolving checks every input, the data included (k against the demo pool,
 a non-empty eval set, enough held-out rows for a learning-rate search), so a bad request fails in
 seconds with one `PlanError` that names the problem and the fix. What needs the tokenizer (does
 the prompt fit the context, do label words collide) is checked right after the model loads,
@@ -92,6 +94,7 @@ class RunConfig:
     dtype: str = "float32"
     revision: str | None = None
     control: str | None = None  # None: the trained model; else one of CONTROLS
+    order: int = 0  # demonstration order: 0 the seeded selection's own, o >= 1 a permutation (iclgd.data.demo_order)
     progress: bool = True
 
     @classmethod
@@ -335,6 +338,7 @@ class CellPlan:
     settings: tuple[SettingPlan, ...]  # in run order: dependencies first
     icl_tokenization: str = "piecewise"
     control: str | None = None  # None, or a re-initialized control model (CONTROLS)
+    order: int = 0  # 0: the demonstrations in their selected order; o >= 1: permutation o (data.demo_order)
     data_dir: str | None = None
     data_source: str = "auto"
     compute: Compute = field(default_factory=Compute)
@@ -360,6 +364,9 @@ class CellPlan:
             "record_at": self.record_at, "label_switch": self.label_switch, "dtype": self.compute.dtype,
             "control": self.control, "icl_tokenization": self.icl_tokenization,
             "settings": sorted((s.to_dict() for s in self.settings), key=lambda s: s["label"]),
+            # order 0 is the unpermuted cell, which folders made before orders existed also are: left
+            # out, so a sweep that adds --orders reuses them
+            **({"order": self.order} if self.order else {}),
         }
 
     def to_dict(self) -> dict:
@@ -391,6 +398,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     _check_int("batch size", cfg.batch_size, 1)
     if cfg.eval_cap is not None:
         _check_int("eval cap", cfg.eval_cap, 1)
+    _check_order(cfg.order, cfg.k)
     for what, value, choices in (("record_at", cfg.record_at, RECORD_AT),
                                  ("ICL tokenization", cfg.icl_tokenization, TOKENIZATIONS),("lr source", cfg.lr_source, LR_SOURCES),
                                  ("dtype", cfg.dtype, DTYPES), ("data source", cfg.data_source, DATA_SOURCES),
@@ -427,7 +435,8 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     plan = CellPlan(
         model=ModelSpec(cfg.model, cfg.revision), task=task, seed=cfg.seed, k=cfg.k, eval_cap=eval_cap,
         protocol=protocol, separator=separator, record_at=cfg.record_at or protocol.record_at,
-        label_switch=cfg.label_switch, settings=tuple(settings), control=cfg.control, data_dir=cfg.data_dir,
+        label_switch=cfg.label_switch, settings=tuple(settings), control=cfg.control, order=cfg.order,
+        data_dir=cfg.data_dir,
         icl_tokenization=cfg.icl_tokenization or protocol.icl_tokenization,
         data_source=cfg.data_source,
         compute=Compute(cfg.device, cfg.dtype, cfg.batch_size, cfg.cache_prefix, cfg.progress),
@@ -451,6 +460,16 @@ def _check_int(what: str, value, low: int | None) -> None:
         raise PlanError(f"{what} must be an integer, got {value!r}")
     if low is not None and value < low:
         raise PlanError(f"{what} must be >= {low}, got {value}")
+
+
+def _check_order(order, k) -> None:
+    """Order o must name one of the k! orderings (o = 0 is the selection's own; iclgd.data)."""
+    from iclgd.data import n_orderings
+
+    _check_int("order", order, 0)
+    if order >= n_orderings(k):  # k is checked before
+        raise PlanError(f"order {order} asked, but k = {k} demonstrations have {n_orderings(k)} ordering(s): "
+                        f"use an order below {n_orderings(k)}")
 
 
 def _lr_rule(label: str, own: float | None, cfg: RunConfig, task: Task, protocol: Protocol) -> LrRule:
@@ -521,14 +540,20 @@ def check_cell_data(plan: CellPlan) -> int:
 # ---------------------------------------------------------------- a sweep's cells
 
 
-def cell_dir(root: str | Path, cell: CellPlan | RunConfig) -> Path:
-    """The cell's folder: ROOT/<model stem>/<protocol>/<task stem>_s<seed>, stable across runs."""
+def cell_dir(root: str | Path, cell: CellPlan | RunConfig, *, with_k: bool = False) -> Path:
+    """The cell's folder: ROOT/<model stem>/<protocol>/<task stem>_s<seed>[_k<k>][_o<order>][_<control>],
+    stable across runs. `with_k` (a sweep over several k) names k; a sweep over one k does not,
+    so its folders are those of sweeps made before k lists existed and resume. Order 0 has no
+    suffix for the same reason."""
     model_name = cell.model.name if isinstance(cell, CellPlan) else cell.model
     protocol = cell.protocol.name if isinstance(cell, CellPlan) else get_protocol(cell.protocol).name
     task = cell.task.name if isinstance(cell, CellPlan) else get_task(cell.task).name
     model = _safe_name(Path(model_name).stem if model_name.endswith(".gguf") else Path(model_name).name)
     control = f"_{cell.control}" if cell.control else ""
-    return Path(root) / model / _safe_name(protocol) / f"{_safe_name(task)}_s{cell.seed}{control}"
+    k = f"_k{cell.k}" if with_k else ""
+    order = f"_o{cell.order}" if cell.order else ""
+    return (Path(root) / model / _safe_name(protocol)
+            / f"{_safe_name(task)}_s{cell.seed}{k}{order}{control}")
 
 
 def plan_cells(
@@ -536,7 +561,7 @@ def plan_cells(
     seeds: Sequence[int] | None = None,
     model: str = "smollm2-135m",
     protocol: str = "default",
-    k: int = 32,
+    k: int | Sequence[int] = 32,
     settings: Sequence[str] | str = ("zsl", "icl"),
     eval_cap: int | None = None,
     data_dir: str | None = None,
@@ -545,21 +570,37 @@ def plan_cells(
     check_data: bool = True,
     controls: Sequence[str] = (),
     control_seeds: Sequence[int] | None = None,
+    orders: int = 1,
     **run_options,
 ) -> list[CellPlan]:
-    """One resolved CellPlan per (task, seed), tasks in the order given, each followed by its
-    untrained controls (`controls`, SPEC §7) for the seeds in `control_seeds` (default: every
-    seed); with `root`, each cell's folder is set (`cell_dir`).
+    """One resolved CellPlan per (task, seed, k, order), tasks in the order given, each followed
+    by its untrained controls (`controls`, SPEC §7) for the seeds in `control_seeds` (default:
+    every seed); with `root`, each cell's folder is set (`cell_dir`).
+
+    `k`: one k or a list (a k sweep). A k = 0 cell has no demonstrations, so it runs only the
+    sweep's zsl and icl settings (ICL with k = 0 is ZSL; a process has nothing to train on).
+    `orders`: N >= 1 demonstration orders per cell: order 0 the selection's own, orders 1..N-1
+    seeded permutations of the same demonstrations (`iclgd.data.demo_order`); a k with fewer than
+    N orderings (k! < N: k = 0, 1, 2) gets all k! of them. Every order is a whole cell: ZSL is
+    rerun (it cannot depend on the order, which the report checks) so each folder stands alone,
+    and a learning-rate search, if the plan asks for one, runs on that order's demonstrations
+    (--lr or --lr-source reference holds the rate fixed across orders).
 
     `seeds` None takes each task's reference seeds (`Task.seeds`); a protocol with
     `seeds == "first"` (dai2023) keeps only the first. Explicit seeds apply to every task.
     `run_options` are further RunConfig fields (device, dtype, batch_size, lr, ...).
     """
+    from iclgd.data import n_orderings  # numpy only: still no model code
+
     proto = get_protocol(protocol)
     if isinstance(settings, str):
         settings = split_settings(settings)
     if not tasks:
         raise PlanError("no tasks given; e.g. --tasks sst2,cb")
+    ks = _k_list(k)
+    if isinstance(orders, bool) or not isinstance(orders, int) or orders < 1:
+        raise PlanError(f"orders must be an integer >= 1 (1: the original order only), got {orders!r}")
+    zero_k = _zero_k_settings(settings) if 0 in ks else ()
     cells = []
     for name in tasks:
         task = get_task(name)
@@ -570,16 +611,43 @@ def plan_cells(
             raise PlanError(f"task {task.name!r} has no reference seeds; pass --seeds")
         for s in task_seeds:
             with_controls = control_seeds is None or s in control_seeds
-            for control in (None, *(controls if with_controls else ())):
-                cfg = RunConfig(model=model, task=task, seed=s, k=k, settings=tuple(settings), protocol=proto,
-                                eval_cap=eval_cap, data_dir=data_dir, control=control, **run_options)
-                out = cell_dir(root, cfg) if root is not None else None
-                cells.append(resolve_cell(cfg, out=out, check_data=check_data, check_out=False))
+            for kk in ks:
+                for order in range(min(orders, n_orderings(kk))):
+                    for control in (None, *(controls if with_controls else ())):
+                        cfg = RunConfig(model=model, task=task, seed=s, k=kk,
+                                        settings=tuple(zero_k if kk == 0 else settings), protocol=proto,
+                                        eval_cap=eval_cap, data_dir=data_dir, control=control, order=order,
+                                        **run_options)
+                        out = cell_dir(root, cfg, with_k=len(ks) > 1) if root is not None else None
+                        cells.append(resolve_cell(cfg, out=out, check_data=check_data, check_out=False))
     dirs = [c.out for c in cells if c.out is not None]
     dupes = sorted({str(d) for d in dirs if dirs.count(d) > 1})
     if dupes:
-        raise PlanError(f"several cells share a folder (same model, protocol, task, seed): {dupes}")
+        raise PlanError(f"several cells share a folder (same model, protocol, task, seed, k, order): {dupes}")
     return cells
+
+
+def _k_list(k: int | Sequence[int]) -> list[int]:
+    """A sweep's k values, checked: integers >= 0, each once (a repeated k would be one folder twice)."""
+    ks = [k] if isinstance(k, int) and not isinstance(k, bool) else list(k)
+    if not ks:
+        raise PlanError("no k given; e.g. --k 32, or a k sweep --k 0,4,16")
+    for x in ks:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise PlanError(f"k must be an integer >= 0, got {x!r} (in --k {','.join(map(str, ks))})")
+    twice = sorted({x for x in ks if ks.count(x) > 1})
+    if twice:
+        raise PlanError(f"k {', '.join(map(str, twice))} given twice in --k {','.join(map(str, ks))}; list each k once")
+    return ks
+
+
+def _zero_k_settings(settings: Sequence[str]) -> tuple[str, ...]:
+    """The settings a k = 0 cell runs: the sweep's zsl and icl (no demonstrations to train on)."""
+    base = tuple(p.label for p, _ in parse_settings(list(settings)) if p.name in BASE_SETTINGS)
+    if not base:
+        raise PlanError("k = 0 cells run only zsl and icl (no demonstrations to train on), and --settings has "
+                        "neither: add zsl,icl or drop k = 0")
+    return base
 
 
 def _safe_name(text: str) -> str:
@@ -619,7 +687,8 @@ class Plan:
             rev = f"@{c.model.revision}" if c.model.revision else ""
             n = f"{c.n_eval} eval examples (cap {c.eval_cap})" if c.n_eval is not None else f"eval cap {c.eval_cap}"
             ctrl = f" ({c.control} control)" if c.control else ""
-            lines.append(f"- {c.model.name}{rev}{ctrl} · {c.task.name} · seed {c.seed} · k {c.k} · {n} · protocol {c.protocol.name} · separator {c.separator!r} ({c.icl_tokenization}) · "
+            order = f" · order {c.order}" if c.order else ""
+            lines.append(f"- {c.model.name}{rev}{ctrl} · {c.task.name} · seed {c.seed} · k {c.k}{order} · {n} · protocol {c.protocol.name} · separator {c.separator!r} ({c.icl_tokenization}) · "
                          f"record at {c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
                          f"{c.compute.dtype}" + (f" -> {c.out}" if c.out is not None and self.command == "reproduce"
                                                   else ""))

@@ -1,8 +1,13 @@
 """Sweeps: many cells (model, task, seed, protocol, settings), one atomic run folder each.
 
 A cell is a `CellPlan` (iclgd.plan); its folder is `ROOT/<model>/<protocol>/<task>_s<seed>`
-(`cell_dir`). `run_sweep` skips cells whose folder is finished (`DONE`) *and* was made with the
-same decisive choices, and runs the rest, locally (one model load for the whole sweep) or as one
+(`cell_dir`), with `_k<k>` when the sweep has several k and `_o<o>` for a permuted order o >= 1.
+
+k sweeps and orders (`plan_cells(k=[0, 4, 16], orders=N)`, iclgd.plan): one cell per (task,
+seed, k, order); k = 0 cells run zsl and icl only; every order is a whole cell.
+
+`run_sweep` skips cells whose folder is finished (`DONE`) *and* was made with the same
+decisive choices, and runs the rest, locally (one model load for the whole sweep) or as one
 Ray task per cell. Before computing a cell a worker claims it (iclgd.locks), so two sweeps on
 one folder share the work and never compute a cell twice; a claim left by a dead worker is taken
 over. Folders are written atomically (iclgd.runfolder), so a sweep that is killed and started
@@ -77,7 +82,8 @@ def _with_dirs(cells: Sequence[CellPlan], root) -> list[CellPlan]:
         if any(c.out is None for c in cells):
             raise PlanError("cells without a folder: give the sweep a root")
         return list(cells)
-    return [c if c.out is not None else c.with_(out=cell_dir(root, c)) for c in cells]
+    with_k = len({c.k for c in cells}) > 1
+    return [c if c.out is not None else c.with_(out=cell_dir(root, c, with_k=with_k)) for c in cells]
 
 
 def run_sweep(
@@ -116,7 +122,7 @@ def run_sweep(
     dirs = [c.out for c in cells]
     dupes = sorted({str(d) for d in dirs if dirs.count(d) > 1})
     if dupes:
-        raise PlanError(f"several cells share a folder (same model, protocol, task, seed): {dupes}")
+        raise PlanError(f"several cells share a folder (same model, protocol, task, seed, k, order): {dupes}")
     root.mkdir(parents=True, exist_ok=True)
     todo = pending(cells)
     if progress:
@@ -131,7 +137,7 @@ def run_sweep(
     else:
         raise PlanError(f"unknown backend {backend!r}; known: local, ray")
     if failures:
-        names = ", ".join(f"{c.task.name} s{c.seed}: {type(e).__name__}: {e}" for c, e in failures)
+        names = ", ".join(f"{cell_label(c)}: {type(e).__name__}: {e}" for c, e in failures)
         raise SweepError(f"{len(failures)} of {len(todo)} cells failed ({names}); run again to retry them") \
             from failures[0][1]
     return dirs
@@ -164,16 +170,22 @@ def claimed_cells(todo: list[CellPlan], root: Path, owner: str, progress: bool):
             yield cell, claim
         if left and not progressed:
             if progress and not waiting_said:
-                held = ", ".join(f"{c.task.name} s{c.seed} ({locks.holder(c.out)})" for c in left)
+                held = ", ".join(f"{cell_label(c)} ({locks.holder(c.out)})" for c in left)
                 print(f"sweep: waiting for {len(left)} cell(s) other workers hold: {held}", flush=True)
                 waiting_said = True
             time.sleep(WAIT_S)
 
 
+def cell_label(cell: CellPlan) -> str:
+    """A cell in a progress or error line: task, seed, k, order (if permuted), control."""
+    order = f" o{cell.order}" if cell.order else ""
+    control = f" ({cell.control})" if cell.control else ""
+    return f"{cell.task.name} s{cell.seed} k{cell.k}{order}{control}"
+
+
 def _summary(i: int, n: int, cell: CellPlan, accuracies: dict, seconds: float, path) -> str:
     acc = "  ".join(f"{s} {a:.3f}" for s, a in accuracies.items())
-    control = f" ({cell.control})" if cell.control else ""
-    return f"[{i}/{n}] {cell.task.name} s{cell.seed}{control}  {acc}  ({seconds:.1f} s) -> {path}"
+    return f"[{i}/{n}] {cell_label(cell)}  {acc}  ({seconds:.1f} s) -> {path}"
 
 
 def _resolve_factory(factory: ModelFactory) -> Callable[[], object]:
@@ -217,7 +229,7 @@ def _run_local(todo, root, loaded, factory, progress, owner) -> list[tuple[CellP
             raise
         except Exception as err:  # reported at the end; the folder stays unfinished
             claim.release("failed")
-            log.error("cell %s s%d failed: %s", cell.task.name, cell.seed, err)
+            log.error("cell %s failed: %s", cell_label(cell), err)
             failures.append((cell, err))
             continue
         claim.release("computed")
@@ -288,7 +300,7 @@ def _run_ray(todo, root, address, progress, factory, cpus, gpus, memory_gb, runt
                 path, acc, seconds = ray.get(ready[0])
             except Exception as err:  # a task error; the other cells go on
                 claim.release("failed")
-                log.error("cell %s s%d failed: %s", cell.task.name, cell.seed, err)
+                log.error("cell %s failed: %s", cell_label(cell), err)
                 failures.append((cell, err))
                 continue
             claim.release("computed")
