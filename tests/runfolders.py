@@ -16,8 +16,10 @@ N, L, H, Q, D, C, STEPS = 6, 3, 2, 5, 8, 2, 4
 BASE = ("zsl", "icl", "gd", "lcgd")
 
 
-def run_dir(root, task, seed, control=None):
-    return root / (f"{task}_s{seed}" if control is None else f"{task}_s{seed}_{control}")
+def run_dir(root, task, seed, control=None, k=None, order=0):
+    """The folder sweep.cell_dir would name (k given: a sweep over several k)."""
+    name = f"{task}_s{seed}" + (f"_k{k}" if k is not None else "") + (f"_o{order}" if order else "")
+    return root / (name if control is None else f"{name}_{control}")
 
 
 def shared(task, seed, n=N):
@@ -27,13 +29,16 @@ def shared(task, seed, n=N):
 
 
 def write_run(root, task, seed, settings=BASE, done=True, *, control=None, n=N, arrays=None, flags=None,
-              eval_ids=None):
+              eval_ids=None, k=None, order=0):
     """A run folder with random records (NaN-padded logits, grad norms) unless ``arrays`` gives a
     setting's arrays ({setting: {"pred": ..., "attn_out": ...}}); ``flags`` {setting: [codes]};
-    ``control`` makes it an untrained-control run (RunConfig(control=...)) in its own folder."""
-    rng = np.random.default_rng(1000 * seed + sum(map(ord, task)) + (0 if control is None else 17 * len(control)))
-    plan = resolve_cell(RunConfig(model="tiny-gpt2", task=task, seed=seed, k=4, settings=settings, lr=0.1,
-                                  control=control), out=run_dir(root, task, seed, control), check_data=False)
+    ``control`` makes it an untrained-control run (RunConfig(control=...)) in its own folder;
+    ``k`` (default 4, and then not in the folder name) and ``order`` as a sweep would name them."""
+    rng = np.random.default_rng(1000 * seed + sum(map(ord, task)) + (0 if control is None else 17 * len(control))
+                                + 31 * (k or 0) + 7919 * order)
+    plan = resolve_cell(RunConfig(model="tiny-gpt2", task=task, seed=seed, k=4 if k is None else k, settings=settings,
+                                  lr=0.1, control=control, order=order),
+                        out=run_dir(root, task, seed, control, k, order), check_data=False)
     gold, q_len = shared(task, seed, n)
     records, results = {}, {}
     for s in plan.settings:

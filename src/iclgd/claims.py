@@ -267,7 +267,7 @@ def evaluate(groups: list[Group], alpha: float = FAMILY_ALPHA) -> list[Result]:
     """Every claim of every group, with Holm over all directional claims of the report."""
     results = []
     for g in groups:
-        results += _group_results(g, f"{g.model} · {g.protocol}" if len(groups) > 1 else "")
+        results += _group_results(g, g.label(groups))
     measured = [r for r in results if r.claim is not None]
     for r, c in zip(measured, stats.evaluate_claims([r.claim for r in measured], alpha=alpha), strict=True):
         r.claim = c

@@ -10,9 +10,11 @@ Aggregation rule (SPEC §4, "Across seeds"; SPEC §7): per cell (model, protocol
 seed) a headline value is the mean over examples, then layers; per task we report the mean, the
 sample sd and a 95% t interval across seeds; the "average" row is the mean of the per-task means,
 its sd and interval those of the per-task means (the spread between tasks, not seed noise). Runs
-with different models or protocols are never pooled (each (model, protocol) pair is a group),
+with different models, protocols or k are never pooled (each (model, protocol, k) is a group),
 and within a group the trained model and each untrained control (``Run.control``) are aggregated
-apart and shown side by side.
+apart and shown side by side. Groups take only the original demonstration order (order 0): the
+runs of permuted orders are reruns of a cell, not more seeds, and feed ``report_sweeps``' order
+sensitivity only; ``report_sweeps`` also lays the groups of one (model, protocol) out over k.
 
 A report rebuilds byte-identically: the bootstrap is seeded per cell (``report_cells.cell_seed``),
 orders come from the sorted runs (never from a set), and the PNGs carry no timestamp.
@@ -124,8 +126,20 @@ class Group:
 
     model: str
     protocol: str
+    k: int
     tasks: list[TaskAgg]  # task by task; within a task, trained first, then the controls
     averages: list[Average]  # trained first
+
+    def label(self, groups: list[Group], *, file: bool = False) -> str:
+        """What tells this group apart from the others of a report ("" if it is alone): the model
+        and protocol where several pairs are shown, k where several k are. ``file``: as a file
+        name suffix ("_model_protocol_k4")."""
+        parts = []
+        if len({(g.model, g.protocol) for g in groups}) > 1:
+            parts += [self.model, self.protocol]
+        if len({g.k for g in groups}) > 1:
+            parts.append(f"k{self.k}" if file else f"k={self.k}")
+        return "".join(f"_{safe_name(p)}" for p in parts) if file else " · ".join(parts)
 
     @property
     def cells(self) -> list[Cell]:
@@ -149,27 +163,28 @@ def _control_rank(control: str | None) -> tuple[int, str]:
 
 
 def build_groups(runs: list[Run], *, intervals: bool = True) -> list[Group]:
-    """Cells of every run (read and released one run at a time), grouped and aggregated."""
-    by_group: dict[tuple[str, str], dict[tuple[str, str | None], list[Cell]]] = {}
-    for run in runs:
-        cells = by_group.setdefault((run.model, run.protocol), {}).setdefault((run.task, run.control), [])
+    """Cells of every order-0 run (read and released one run at a time), grouped and aggregated;
+    runs of permuted orders are left to ``report_sweeps.order_sets``."""
+    by_group: dict[tuple[str, str, int], dict[tuple[str, str | None], list[Cell]]] = {}
+    for run in (r for r in runs if r.order == 0):
+        cells = by_group.setdefault((run.model, run.protocol, run.k), {}).setdefault((run.task, run.control), [])
         kept = [c.run.path for c in cells if c.seed == run.seed]
         if kept:  # pooling both would count one seed twice in the sd
             warnings.warn(
-                f"duplicate run of {run.task} seed {run.seed} ({run.model}, {run.protocol}, "
+                f"duplicate run of {run.task} seed {run.seed} ({run.model}, {run.protocol}, k={run.k}, "
                 f"{control_label(run.control)}): keeping {kept[0]}, ignoring {run.path}",
                 stacklevel=2,
             )
             continue
         cells.append(cell_values(run, intervals=intervals))
     groups = []
-    for (model, protocol), by_task in by_group.items():
+    for (model, protocol, k), by_task in sorted(by_group.items(), key=lambda kv: kv[0]):
         task_order = list(dict.fromkeys(task for task, _ in by_task))
         keys = sorted(by_task, key=lambda tc: (task_order.index(tc[0]), _control_rank(tc[1])))
         aggs = [_aggregate_task(task, control, by_task[task, control]) for task, control in keys]
         controls = sorted(dict.fromkeys(a.control for a in aggs), key=_control_rank)
         averages = [_average(c, [a for a in aggs if a.control == c]) for c in controls]
-        groups.append(Group(model, protocol, aggs, averages))
+        groups.append(Group(model, protocol, k, aggs, averages))
     return groups
 
 
@@ -235,7 +250,8 @@ def _collect_runs(run_dirs) -> tuple[list[Run], list[tuple[Path, str]]]:
     if not runs:
         why = "".join(f"; {p}: {reason}" for p, reason in skipped[:5])
         raise DataError(f"no finished run folders (with a DONE file) under {run_dirs}{why}")
-    runs.sort(key=lambda r: (r.model, r.protocol, r.task, _control_rank(r.control), r.seed, str(r.path)))
+    runs.sort(key=lambda r: (r.model, r.protocol, r.task, _control_rank(r.control), r.seed, r.k, r.order,
+                             str(r.path)))
     return runs, skipped
 
 
@@ -280,14 +296,20 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
     Runs. Folders that are not finished run folders are skipped and named in the report (and on
     stderr). Layout of out_dir: ``summary.md`` (provenance, flags, claims and every table),
     ``tables/<name>.md`` and ``.csv`` (``<name>_cells`` per cell with bootstrap intervals,
-    ``claims`` and ``claims_cells``), ``figures/*.png``, ``report.html`` (self-contained). iclgd
+    ``claims`` and ``claims_cells``; ``ksweep_<name>``, ``order_flips`` and ``order_spread`` where
+    the runs have several k or orders: iclgd.report_sweeps), ``figures/*.png``, ``report.html`` (self-contained). iclgd
     only replaces files it wrote there (iclgd.outputs). ``figures=False`` skips the PNGs (most of
     the time of a small report). Returns the path of ``report.html``.
     """
     import shutil
     import sys
 
-    from iclgd import claims, report_figures, report_tables  # matplotlib is slow to import
+    from iclgd import (  # matplotlib is slow to import
+        claims,
+        report_figures,
+        report_sweeps,
+        report_tables,
+    )
 
     out = Path(out_dir)
     outputs.check_out(out, "report", overwrite, names=["summary.md", "report.html"])
@@ -302,13 +324,15 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
         tables_dir.mkdir()
         fig_dir.mkdir()
         parts = _write_tables(groups, results, tables_dir)
+        sweeps = report_sweeps.write(groups, [r for r in runs if r.order], tables_dir, fig_dir, figures=figures)
         pngs: list[Path | None] = []
         for g in groups if figures else []:
-            base = "" if len(groups) == 1 else f"_{safe_name(g.model)}_{safe_name(g.protocol)}"
+            base = g.label(groups, file=True)
             for control in g.controls:
                 suffix = base if control is None else f"{base}_{safe_name(control)}"
                 pngs += report_figures.draw_all(g.of(control), fig_dir, suffix)
             pngs.append(report_figures.draw_intervals(g.tasks, fig_dir / f"headline_intervals{base}.png"))
+        pngs += sweeps.pngs
         provenance = _provenance(groups)
         notes = _flag_lines(groups)
         notes = (["## Flags (degenerate results; their table entries carry †)", "", *notes, ""] if notes else [])
@@ -316,12 +340,13 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
             notes += ["## Skipped folders", "", *(f"- {p}: {why}" for p, why in skipped), ""]
         summary = ["# iclgd report", "", f"Built from {len(runs)} run folder(s).", "", *provenance, "",
                    *notes, "## Claims (SPEC §7)", "", claims.LEGEND, "", *parts["claims_md"],
-                   "## Tables", "", report_tables.LEGEND, "", *parts["md"],
+                   "## Tables", "", report_tables.LEGEND, "", *parts["md"], *sweeps.md,
                    "## Per cell: paired bootstrap 95% intervals over eval examples", "",
                    report_tables.CELLS_LEGEND, "", *parts["cells_md"]]
         (tmp / "summary.md").write_text("\n".join(summary))
         (tmp / "report.html").write_text(report_figures.html_page(
-            provenance, report_tables.LEGEND, "".join(parts["html"]), [p for p in pngs if p is not None], notes,
+            provenance, report_tables.LEGEND, "".join(parts["html"]) + sweeps.html, [p for p in pngs if p is not None],
+            notes,
             claims_html=claims.html(results), claims_legend=claims.LEGEND,
             cells_html="".join(parts["cells_html"]), cells_legend=report_tables.CELLS_LEGEND))
         outputs.write_marker(tmp, "report", sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))

@@ -86,6 +86,10 @@ class Cell:
     grad_norms: dict[str, np.ndarray] = field(default_factory=dict)  # setting -> [layer, step]
     flags: dict[str, list[str]] = field(default_factory=dict)  # setting -> flag codes
     n_examples: int = 0
+    # per setting, for order sensitivity (report_sweeps): predictions [batch] and label
+    # log-probabilities renormalized over the labels [batch, label] (iclgd.agreement)
+    preds: dict[str, np.ndarray] = field(default_factory=dict)
+    label_lp: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -98,6 +102,14 @@ class Cell:
     @property
     def control(self) -> str | None:
         return self.run.control
+
+    @property
+    def k(self) -> int:
+        return self.run.k
+
+    @property
+    def order(self) -> int:
+        return self.run.order
 
     def is_flagged(self, key: Key) -> bool:
         """Whether an entry rests on a setting with a degenerate-result flag (iclgd.flags)."""
@@ -169,6 +181,8 @@ def _fill(cell: Cell, recs: dict, settings: list[str], procs: list[str]) -> None
 
     for s in settings:
         add("accuracy", s, metrics.examples("accuracy", recs, s), (s,), scale=100.0)
+        cell.preds[s] = recs[s]["pred"].numpy()
+        cell.label_lp[s] = agreement.renormalize(recs[s]["label_logprobs"]).numpy()
     for p in procs:
         if "grad_norms" in recs[p]:
             cell.grad_norms[p] = recs[p]["grad_norms"].double().numpy()  # [layer, step]

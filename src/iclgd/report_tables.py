@@ -98,7 +98,8 @@ def _columns(name: str, groups: list[Group]) -> tuple[list[str], set[str]]:
 
 
 def _prefix(g: Group, groups: list[Group]) -> str:
-    return f"{g.model} · {g.protocol} · " if len(groups) > 1 else ""
+    label = g.label(groups)
+    return f"{label} · " if label else ""
 
 
 def _rows(name: str, groups: list[Group]) -> tuple[list[str], set[str], list[tuple]]:
@@ -170,12 +171,12 @@ def write_csv(name: str, groups: list[Group], path: Path) -> None:
     columns, counts, rows = _rows(name, groups)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "protocol", "control", "task", "column", "mean", "sd", "low", "high", "n",
+        w.writerow(["model", "protocol", "k", "control", "task", "column", "mean", "sd", "low", "high", "n",
                     "per_seed", "flagged"])
         for g, control, task, _, entries in rows:
             for col in columns:
                 e = entries[col]
-                head = [g.model, g.protocol, control, task, col]
+                head = [g.model, g.protocol, g.k, control, task, col]
                 if e is None:
                     continue
                 if col in counts:
@@ -252,13 +253,13 @@ def write_cells_csv(name: str, groups: list[Group], path: Path) -> None:
     estimate, bootstrap interval, examples that count, dropped resamples and whether flagged."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "protocol", "control", "task", "seed", "column", "estimate", "low", "high",
+        w.writerow(["model", "protocol", "k", "control", "task", "seed", "column", "estimate", "low", "high",
                     "n_examples", "n_boot", "n_invalid", "flagged"])
         columns, counts = _columns(name, groups)
         for g, t, c in _cell_rows(name, groups):
             for col in columns:
                 key = (name, col)
-                head = [g.model, g.protocol, control_label(c.control), t.task, c.seed, col]
+                head = [g.model, g.protocol, g.k, control_label(c.control), t.task, c.seed, col]
                 if col in counts and key in c.counts:
                     w.writerow([*head, c.counts[key], "", "", "", "", "", ""])
                 elif key in c.values:

@@ -180,6 +180,12 @@ class Run:
         return int(self.config.get("k", -1))
 
     @property
+    def order(self) -> int:
+        """The demonstration order (0: as selected; o >= 1: permutation o, iclgd.data.demo_order);
+        folders made before orders existed are order 0."""
+        return int(self.config.get("order") or 0)
+
+    @property
     def model(self) -> str:
         return _label(self.config.get("model", "?"))
 
@@ -301,5 +307,5 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             skipped.append((d, str(err)))
             continue
         runs.append(run)
-    runs.sort(key=lambda r: (r.model, r.protocol, r.task, r.seed, str(r.path)))
+    runs.sort(key=lambda r: (r.model, r.protocol, r.task, r.seed, r.k, r.order, str(r.path)))
     return runs, skipped
