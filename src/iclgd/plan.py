@@ -23,7 +23,9 @@ Setting grammar (the one definition; `iclgd run --help` points here):
     options every process takes
       lr=FLOAT           a fixed learning rate (>= 0): overrides --lr and the protocol's rule
       params=GROUP       trained parameters: kv (default), qkvo, attn, all
-      batch=1|full       one SGD step per demonstration (default), or one step on all k
+      batch=1|full       one SGD step per demonstration (default), or one step on all k: SPEC §1's
+                         full-batch variant, on the mean of the k demonstrations' losses, so it
+                         does not depend on their order beyond float rounding (tested)
                          (full_batch=1 is read as batch=full)
       clip=MODE[:VALUE]  global_l2:V, layer_l2:V, value:V (elementwise), or match_gd (each
                          layer to GD's gradient norm at the same step: needs gd in the cell)
