@@ -62,9 +62,14 @@ ORDERS_LEGEND = (
 )
 
 
+SIG = -3  # as decimals: 3 significant digits (Δ log p spans rounding level, 1e-7, to whole nats)
+
+
 def fmt_num(x: float, d: int) -> str:
-    """x with d decimals; n/a where undefined."""
-    return "n/a" if not math.isfinite(x) else f"{x:.{d}f}"
+    """x with d decimals (d < 0: -d significant digits); n/a where undefined."""
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:.{-d}g}" if d < 0 else f"{x:.{d}f}"
 
 
 def entry_decimals(key: Key) -> int:
@@ -251,7 +256,7 @@ def _flips_body(sets: list[OrderSet]) -> list[list[str]]:
         for st in s.settings:
             ps, acc = s.per_setting[st], s.spread.get(("accuracy", st))
             body.append([*_set_label(s), st, str(len(s.orders)), _fmt_boot(ps[FLIP_ANY], 1),
-                         _fmt_boot(ps[FLIP_PAIRS], 1), _fmt_boot(ps[DLOGP], 4),
+                         _fmt_boot(ps[FLIP_PAIRS], 1), _fmt_boot(ps[DLOGP], SIG),
                          "" if acc is None else fmt_num(acc.mean, 1), "" if acc is None else _fmt_boot(acc.sd, 1),
                          "" if acc is None else _fmt_boot(acc.range, 1)])
     for pool in _pools(sets):
@@ -262,7 +267,7 @@ def _flips_body(sets: list[OrderSet]) -> list[list[str]]:
             body.append([first.run.task, str(first.run.k), f"all ({len(have)})", control_label(first.run.control),
                          st, str(len(first.orders)),
                          *(_fmt_seeds([s.per_setting[st][m].value for s in have], d)
-                           for m, d in ((FLIP_ANY, 1), (FLIP_PAIRS, 1), (DLOGP, 4))),
+                           for m, d in ((FLIP_ANY, 1), (FLIP_PAIRS, 1), (DLOGP, SIG))),
                          _fmt_seeds([a.mean for a in accs], 1), _fmt_seeds([a.sd.value for a in accs], 1),
                          _fmt_seeds([a.range.value for a in accs], 1)])
     return body

@@ -49,8 +49,9 @@ def ksweep_figure(s: KSeries, path: Path) -> Path | None:
     """Every headline entry of one task against k, one panel per metric, one line per column."""
     panels = []
     for title, table, keep, ylim in KSWEEP_PANELS:
-        cols = [k[1] for k in s.keys(table) if keep is None or keep(k[1])]
-        if cols:
+        cols = [k[1] for k in s.keys(table) if (keep is None or keep(k[1]))
+                and any(p is not None and math.isfinite(p.value) for p in (point(t, k) for t in s.by_k.values()))]
+        if cols:  # a metric undefined at every k (Rec2FTP where P fixed nothing) has no panel
             panels.append((title, table, cols, ylim))
     if not panels:
         return None
