@@ -223,16 +223,17 @@ def _provenance(groups: list[Group]) -> list[str]:
     return lines
 
 
-def _flag_lines(groups: list[Group]) -> list[str]:
-    """Markdown lines naming every flagged (degenerate) setting of every run (iclgd.flags)."""
+def _flag_lines(runs: list[Run]) -> list[str]:
+    """Markdown lines naming every flagged (degenerate) setting of every run (iclgd.flags), the
+    runs of permuted orders included (order-sensitivity entries resting on them carry † too)."""
+    several_k = len({r.k for r in runs}) > 1
     lines = []
-    for g in groups:
-        for c in g.cells:
-            r = c.run
-            who = "" if r.control is None else f" ({r.control})"
-            for s in r.settings:
-                for f in r.flags(s):
-                    lines.append(f"- {g.model} · {r.task} s{r.seed}{who} · **{s}**: {f['code']}: {f['message']}")
+    for r in runs:
+        where = (f"{r.task} s{r.seed}" + (f" k{r.k}" if several_k else "") + (f" order {r.order}" if r.order else "")
+                 + ("" if r.control is None else f" ({r.control})"))
+        for s in r.settings:
+            for f in r.flags(s):
+                lines.append(f"- {r.model} · {where} · **{s}**: {f['code']}: {f['message']}")
     return lines
 
 
@@ -334,7 +335,7 @@ def build_report(run_dirs: str | Path | Sequence[str | Path | Run], out_dir: str
             pngs.append(report_figures.draw_intervals(g.tasks, fig_dir / f"headline_intervals{base}.png"))
         pngs += sweeps.pngs
         provenance = _provenance(groups)
-        notes = _flag_lines(groups)
+        notes = _flag_lines(runs)
         notes = (["## Flags (degenerate results; their table entries carry †)", "", *notes, ""] if notes else [])
         if skipped:
             notes += ["## Skipped folders", "", *(f"- {p}: {why}" for p, why in skipped), ""]
