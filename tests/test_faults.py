@@ -557,3 +557,13 @@ def test_vanishing_gradients_and_a_loss_that_does_not_fall():
     codes = {f["code"] for f in training_flags(torch.tensor([1.0, 0.9, 0.8]), 1.2, norms, 0.1)}
     assert codes == {"vanishing_gradients", "loss_not_falling"}
     assert training_flags(torch.tensor([1.0]), 0.5, torch.ones(2, 1), 0.1) == []
+
+
+def test_a_sweep_checks_every_cells_prompts_before_computing_any(home, tiny_dir, capsys):
+    """CB's long premises do not fit the tiny model's 512 positions: the sweep says so for every
+    such cell right after loading the model, and computes nothing."""
+    argv = ["reproduce", "--model", str(tiny_dir), "--tasks", "sst2,cb", "--seeds", "2,3", "--k", "2",
+            "--eval-cap", "24", "--settings", "zsl,icl", "--out", "rep"]
+    code, _, err = call(with_data(argv), capsys)
+    assert code == 2 and "cannot run on this model, so none was started" in err and "cb s2" in err and "cb s3" in err
+    assert not [p for p in (home / "rep").rglob("DONE")]

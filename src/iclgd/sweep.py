@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from iclgd import locks, outputs, runfolder
-from iclgd.errors import IclgdError
+from iclgd.errors import IclgdError, PromptError
 from iclgd.experiment import run
 from iclgd.plan import CellPlan, Plan, PlanError, cell_dir, plan_cells
 
@@ -217,14 +217,17 @@ def _load(cell: CellPlan, factory: ModelFactory | None):
 
 def _run_local(todo, root, loaded, factory, progress, owner) -> list[tuple[CellPlan, Exception]]:
     key, model, failures, done = None, loaded, [], 0
+    if loaded is not None:
+        check_prompts(todo, loaded)
     for cell, claim in claimed_cells(todo, root, owner, progress):
         t0 = time.perf_counter()
         try:
             if loaded is None and _model_key(cell, factory) != key:
                 model = None  # drop the previous model before loading the next: one in memory at a time
                 key, model = _model_key(cell, factory), _load(cell, factory)
+                check_prompts([c for c in todo if _model_key(c, factory) == key], model)
             result = run(cell, loaded=model)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, PromptError):
             claim.release("interrupted")
             raise
         except Exception as err:  # reported at the end; the folder stays unfinished
@@ -238,6 +241,22 @@ def _run_local(todo, root, loaded, factory, progress, owner) -> list[tuple[CellP
             acc = {s: r["accuracy"] for s, r in result.results.items()}
             print(_summary(done, len(todo), cell, acc, time.perf_counter() - t0, result.path), flush=True)
     return failures
+
+
+def check_prompts(cells: Sequence[CellPlan], loaded) -> None:
+    """Check, before any cell computes, that every cell's prompts fit the loaded model (a prompt
+    check needs the tokenizer, so it cannot run at plan time): one PromptError naming them all."""
+    from iclgd.experiment import prepare
+
+    bad = []
+    for cell in cells:
+        try:
+            prepare(cell, loaded)
+        except PromptError as err:
+            bad.append(f"{cell_label(cell)}: {err}")
+    if bad:
+        raise PromptError(f"{len(bad)} of {len(cells)} cells cannot run on this model, so none was started: "
+                          + " | ".join(bad))
 
 
 # ---------------------------------------------------------------- Ray backend
