@@ -103,3 +103,38 @@ def first_order(
             p, t = fwad.unpack_dual(v)
             primal[k], tangent[k] = p, (torch.zeros_like(p) if t is None else t)
     return primal, tangent
+
+
+def first_order_many(
+    fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    theta0: dict[str, torch.Tensor],
+    deltas: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fn(θ0), J_fn(θ0)·Δ_c for every c) with the directions stacked: deltas {name: [cand, ...]}.
+
+    The primal is computed once, unbatched (it keeps its autograd graph to θ0 as in
+    `first_order`); only the tangents carry the candidate dimension, so every product with a
+    frozen weight is one matmul over all candidates' rows. The batching is
+    `torch._vmap_internals._vmap`, the vmap behind `torch.autograd.grad(is_grads_batched=True)`
+    and torch.autograd.functional's forward-mode jacobian: it carries batched tangents through
+    forward AD, where torch.func.vmap has no batching rule for `make_dual` (torch 2.13). Tangents
+    equal `first_order` per candidate to rounding (tests/test_lrsearch.py). Returns
+    (primal {key: [...]}, tangents {key: [cand, ...]}).
+    """
+    from torch._vmap_internals import _vmap
+
+    primal: dict[str, torch.Tensor] = {}
+    names = list(theta0)
+
+    def tangents(*delta: torch.Tensor) -> tuple[torch.Tensor, ...]:  # this vmap maps tensors and tuples only
+        with fwad.dual_level(), _ConstantOperands():
+            out = fn({n: fwad.make_dual(theta0[n], d) for n, d in zip(names, delta)})
+            tangent = []
+            for k, v in out.items():
+                p, t = fwad.unpack_dual(v)
+                primal[k] = p  # unbatched: the primal never sees the candidate dimension
+                tangent.append(torch.zeros_like(p) if t is None else t)
+        return tuple(tangent)
+
+    batched = _vmap(tangents)(*(deltas[n] for n in names))
+    return primal, dict(zip(primal, batched))
