@@ -3,9 +3,20 @@ train examples, never on the eval set.
 
 The held-out examples come from the demo split with the run's seed, disjoint from the
 demonstrations and, when the task's eval split is its demo split, from the run's eval examples
-(iclgd.data.held_out). Each candidate rate trains from θ0 on the same demonstrations and is
-scored on the held-out queries; the winner's trained weights are the ones the cell evaluates
-(it is never trained a second time).
+(iclgd.data.held_out, given the cell's eval cap and eval seed). Every candidate rate (the
+protocol's grid of multiples of the task's reference rate) trains from θ0 on the same
+demonstrations, all candidates in lockstep where the process supports it
+(`Process.train_many`), and is scored on the held-out queries, all candidates batched
+(`Process.score_many`).
+
+The criterion is the mean gold-label log-probability renormalized over the label words (minus
+the classification cross-entropy; `heldout_logprob`): continuous, so candidates do not tie as
+they did under held-out accuracy (issue 14: on SST-2 two of five candidates tied at 0.625 on 64
+examples and the winner sat at the grid's edge). If the winner sits at an edge of the rates
+tried, the grid extends one step past it with the grid's own ratio at that edge, at most
+`Protocol.lr_extend` times. Every candidate's score and accuracy, the winner and why it won
+(`REASONS`) go to results.json (`LrChoice.info`). The winner's trained weights are the ones the
+cell evaluates: it is never trained a second time.
 """
 
 from __future__ import annotations
@@ -14,14 +25,22 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from iclgd.data import Selection, held_out
 from iclgd.errors import IclgdError
-from iclgd.evaluate import EvalOptions
 from iclgd.plan import SettingPlan
 from iclgd.processes import PROCESSES, TrainContext, TrainResult
-from iclgd.prompts import build_prompts
+from iclgd.prompts import Prompts, build_prompts
 
 log = logging.getLogger(__name__)
+
+CRITERION = "mean held-out gold-label log-prob, renormalized over the label words"
+REASONS = {
+    "best": "best held-out log-prob",  # the winner lies inside the rates tried (or only one was)
+    "extended": "extended past the edge",  # it did after extending the grid at least once
+    "bound": "bound reached",  # it sits at an edge after Protocol.lr_extend extensions
+}
 
 
 @dataclass
@@ -29,16 +48,50 @@ class LrChoice:
     lr: float
     source: str
     trained: TrainResult | None = None  # the winner's training, if the search ran it
-    scores: dict[float, float] = field(default_factory=dict)  # candidate lr -> held-out score
+    scores: dict[float, float] = field(default_factory=dict)  # candidate lr -> held-out log-prob (-inf: diverged)
     n_held_out: int = 0
+    accuracy: dict[float, float] = field(default_factory=dict)  # candidate lr -> held-out accuracy (context only)
+    errors: dict[float, str] = field(default_factory=dict)  # candidate lr -> why it scored -inf
+    reason: str | None = None  # one of REASONS' values
+    extensions: int = 0  # grid steps added past an edge
 
     def info(self) -> dict:
         out: dict = {"lr": self.lr, "lr_source": self.source}
         if self.scores:
-            out["lr_search"] = {f"{lr:.6g}": s for lr, s in self.scores.items()}
+            def key(lr: float) -> str:
+                return f"{lr:.6g}"
+
+            out["lr_search"] = {key(lr): s for lr, s in self.scores.items()}
             out["lr_search_n"] = self.n_held_out
-            out["lr_search_criterion"] = "held-out accuracy"
+            out["lr_search_criterion"] = CRITERION
+            out["lr_search_accuracy"] = {key(lr): a for lr, a in self.accuracy.items()}
+            out["lr_search_winner"] = self.lr
+            out["lr_search_reason"] = self.reason
+            out["lr_search_extensions"] = self.extensions
+            if self.errors:
+                out["lr_search_errors"] = {key(lr): e for lr, e in self.errors.items()}
         return out
+
+
+def heldout_logprob(label_logprobs: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """The search criterion per candidate [cand]: mean over examples of log p(gold label) with the
+    label words' probabilities renormalized to sum to 1. label_logprobs [cand, batch, label]
+    (log-probabilities over the vocabulary, as evaluate records them), gold [batch]. A candidate
+    with any non-finite value scores -inf."""
+    renorm = label_logprobs - torch.logsumexp(label_logprobs, dim=-1, keepdim=True)  # [cand, batch, label]
+    picked = renorm.gather(-1, gold.view(1, -1, 1).expand(len(renorm), -1, 1))[..., 0]  # [cand, batch]
+    score = picked.double().mean(-1)
+    finite = torch.isfinite(label_logprobs).flatten(1).all(-1)
+    return torch.where(finite, score, torch.full_like(score, -math.inf))
+
+
+def held_out_prompts(plan, tokenizer, n: int) -> tuple[Prompts, list[int]]:
+    """The n held-out search prompts of a cell and their gold labels (never an eval example:
+    `held_out` skips the cell's eval set, given its eval cap and seed, and its demonstrations)."""
+    pool = held_out(plan.task, plan.seed, plan.k, n, plan.data_dir, plan.data_source,
+                    eval_cap=plan.eval_cap, eval_seed=plan.protocol.eval_seed)
+    held = build_prompts(tokenizer, plan.task, Selection(demos=(), eval=tuple(pool)), separator=plan.separator)
+    return held, [e.label for e in pool]
 
 
 def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrChoice:
@@ -49,34 +102,78 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
     from iclgd.experiment import process_config
 
     plan = prep.plan
-    pool = held_out(plan.task, plan.seed, plan.k, rule.search_n, plan.data_dir, plan.data_source,
-                    eval_cap=plan.eval_cap, eval_seed=plan.protocol.eval_seed)
-    held = build_prompts(loaded.tokenizer, plan.task, Selection(demos=(), eval=tuple(pool)),
-                         separator=plan.separator)
-    gold = [e.label for e in pool]
-    quiet = EvalOptions(batch_size=plan.compute.batch_size, progress=False)
-    scores: dict[float, float] = {}
-    best: tuple[float, float, TrainResult] | None = None
-    for mult in rule.grid:
-        lr = rule.lr * mult
-        ctx = TrainContext(loaded.model, prep.train_seqs, process_config(setting, lr),
-                           reference_norms=reference_norms, progress=False)
-        proc = PROCESSES.get(setting.name)()
-        try:
-            trained = proc.train(ctx)
-            rec = proc.evaluate(ctx, trained, held.queries, gold, held.label_ids, prefix=held.bos, options=quiet,
-                                pad_id=prep.pad_id)
-            scores[lr] = rec.accuracy
-        except IclgdError as err:  # a diverging lr is a legitimate loser of the search
-            log.info("lr search %s: lr %.3g diverged (%s)", setting.label, lr, err)
-            scores[lr] = -math.inf
-            continue
-        key = (scores[lr], -abs(math.log(mult)))  # ties go to the multiple closest to 1
-        if best is None or key > best[:2]:
-            best = (*key, trained, lr)
-    if best is None:
+    held, gold = held_out_prompts(plan, loaded.tokenizer, rule.search_n)
+    ctx = TrainContext(loaded.model, prep.train_seqs, process_config(setting, rule.lr),
+                       reference_norms=reference_norms, progress=False)
+    proc = PROCESSES.get(setting.name)()
+    gold_t = torch.tensor(gold, dtype=torch.long)
+    trials: dict[float, tuple[float, float, TrainResult | None, str | None]] = {}  # mult -> score, acc, result, error
+
+    def run(mults: list[float]) -> None:
+        results = proc.train_many(ctx, [rule.lr * m for m in mults])
+        done = [(m, r) for m, r in zip(mults, results) if isinstance(r, TrainResult)]
+        for m, r in zip(mults, results):
+            if not isinstance(r, TrainResult):  # a diverging lr is a legitimate loser of the search
+                log.info("lr search %s: lr %.3g diverged (%s)", setting.label, rule.lr * m, r)
+                trials[m] = (-math.inf, math.nan, None, str(r))
+        if done:
+            lps = _score(proc, ctx, [r for _, r in done], held, plan.compute.batch_size, prep.pad_id)
+            for (m, r), lp in zip(done, lps):
+                if lp is None:
+                    trials[m] = (-math.inf, math.nan, None, "non-finite held-out logits")
+                    continue
+                score = float(heldout_logprob(lp[None], gold_t)[0])
+                acc = float((lp.argmax(-1) == gold_t).float().mean())
+                trials[m] = (score, acc, r if math.isfinite(score) else None,
+                             None if math.isfinite(score) else "non-finite held-out log-probabilities")
+
+    grid = sorted(set(rule.grid))
+    run(grid)
+    winner, reason, extensions = pick(trials, grid, lambda m: run([m]), plan.protocol.lr_extend)
+    if winner is None:
         raise IclgdError(f"{setting.label}: every learning rate of the search diverged "
-                         f"({', '.join(f'{lr:g}' for lr in scores)}); lower the task's lr")
-    lr = best[3]
-    log.info("lr search %s: %s -> %g", setting.label, scores, lr)
-    return LrChoice(lr, "search", best[2], scores, len(pool))
+                         f"({', '.join(f'{rule.lr * m:g}' for m in sorted(trials))}); lower the task's lr")
+    order = sorted(trials)
+    choice = LrChoice(rule.lr * winner, "search", trials[winner][2], {rule.lr * m: trials[m][0] for m in order},
+                      len(gold), {rule.lr * m: trials[m][1] for m in order},
+                      {rule.lr * m: trials[m][3] for m in order if trials[m][3] is not None}, reason, extensions)
+    log.info("lr search %s: %s -> %g (%s)", setting.label, choice.scores, choice.lr, reason)
+    return choice
+
+
+def pick(trials: dict, grid: list[float], extend, max_extensions: int) -> tuple[float | None, str, int]:
+    """(winning multiple, reason, extensions) over `trials` {multiple: (score, ...)}: the best
+    score, ties to the multiple closest to 1. While the winner is the lowest or highest multiple
+    tried and fewer than `max_extensions` steps were added, `extend(m)` tries m one grid step past
+    it (the grid's ratio at that edge) and adds it to `trials`. None if every score is -inf."""
+    def best() -> float | None:
+        alive = [m for m in trials if trials[m][0] > -math.inf]
+        return max(alive, key=lambda m: (trials[m][0], -abs(math.log(m)))) if alive else None
+
+    extensions = 0
+    while True:
+        winner = best()
+        if winner is None:
+            return None, REASONS["best"], extensions
+        tried = sorted(trials)
+        edge = winner in (tried[0], tried[-1]) and len(grid) > 1
+        if not edge:
+            return winner, REASONS["extended" if extensions else "best"], extensions
+        if extensions >= max_extensions:
+            return winner, REASONS["bound"], extensions
+        ratio = grid[-1] / grid[-2] if winner == tried[-1] else grid[0] / grid[1]
+        extend(winner * ratio)
+        extensions += 1
+
+
+def _score(proc, ctx, results: list[TrainResult], held: Prompts, batch_size: int, pad_id: int) -> list:
+    """Each candidate's held-out label log-probabilities [batch, label], None where they cannot
+    be computed (a candidate whose logits are non-finite makes `evaluate` raise; scored alone)."""
+    try:
+        lps = proc.score_many(ctx, results, held.queries, held.label_ids, prefix=held.bos, batch_size=batch_size,
+                              pad_id=pad_id)
+        return list(lps)
+    except IclgdError:
+        if len(results) == 1:
+            return [None]
+        return [x for r in results for x in _score(proc, ctx, [r], held, batch_size, pad_id)]

@@ -23,8 +23,13 @@ class Protocol:
     record_at: str = "last"  # "last": the query's last token; "label": an appended label token
     icl_truncation: str = "error"  # "error": never drop demonstrations; "drop": keep what fits (ICL only)
     lr_source: str = "search"  # "search": held-out search per process; "reference": the task's reference lr
-    lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # multiples of the reference lr searched
-    lr_search_n: int = 64  # held-out train examples scored per candidate lr
+    # The learning-rate search (iclgd.lrsearch; issue 14). Three candidates bracketing the
+    # reference rate, trained in lockstep, scored by held-out gold-label log-probability (a
+    # continuous criterion: no ties, so a coarse grid with edge extension replaces a wide one);
+    # 32 held-out examples cost about what one candidate's training does (bench/README.md).
+    lr_grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # multiples of the reference lr searched
+    lr_search_n: int = 32  # held-out train examples scored per candidate lr
+    lr_extend: int = 2  # at most this many grid steps past an edge where the winner sits
     random_baseline: str = "gaussian"  # "gaussian" (centred) or "uniform" (reference)
     eval_seed: int = 1
     eval_cap: int = 2000
