@@ -118,6 +118,21 @@ def test_lockstep_full_batch_and_lcgd_attention_exit(llama):
             same_training(m, o, f"{name} {extra} lr={lr}")
 
 
+def test_lockstep_in_bfloat16_equals_one_by_one_to_bf16_precision():
+    """The GPU path's dtype: the learning rate is applied in float, as `lr * g` with a Python number
+    does, so only the batched products' rounding differs."""
+    model = tiny_model("llama").to(torch.bfloat16).requires_grad_(False)
+    for name in ("gd", "lcgd", "lingd"):
+        cfg = ProcessConfig(name=name, lr=LRS[1], clip="global_l2", clip_value=0.05)
+        proc = PROCESSES.get(name)()
+        many = proc.train_many(TrainContext(model, DEMOS, cfg, progress=False), LRS[1:])
+        for m, o in zip(many, one_by_one(proc, model, cfg, LRS[1:])):
+            for n in o.delta:
+                assert m.delta[n].dtype == torch.bfloat16
+                rel = (m.delta[n].float() - o.delta[n].float()).norm() / o.delta[n].float().norm()
+                assert rel < 0.02, (name, n, float(rel))  # bf16 keeps ~3 significant digits
+
+
 @pytest.mark.parametrize("name", ["gd", "lingd"])
 def test_a_diverging_candidate_stops_alone_with_the_error_train_raises(llama, name):
     lrs = [0.1, 1e37]  # 1e37 makes GD's gradient (step 2) and LinGD's loss (step 1) non-finite
@@ -168,6 +183,33 @@ def test_batched_scoring_equals_evaluate_per_candidate(llama, name):
         rec = proc.evaluate(ctx, r, QUERIES, [0] * len(QUERIES), LABELS, options=EvalOptions(progress=False), pad_id=2)
         torch.testing.assert_close(scored[c], rec.label_logprobs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(scored[0], scored[-1])  # the candidates differ
+
+
+def test_first_order_many_equals_first_order_per_candidate(llama):
+    """The primal once and every candidate's tangent, for every recorded quantity of an eval batch."""
+    from iclgd.capture import Plan, use_iclgd_attention
+    from iclgd.dual import first_order, first_order_many
+    from iclgd.evaluate import pad_right, run_captured
+
+    use_iclgd_attention(llama)
+    ids, mask = pad_right(QUERIES, 2)
+    lens = torch.tensor([len(q) for q in QUERIES])
+    plan = Plan(own_start=torch.ones(len(QUERIES), dtype=torch.long), own_len=lens - 1, pred_pos=lens - 1, math=True)
+    ctx = TrainContext(llama, DEMOS, ProcessConfig(name="lingd", lr=0.1), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    deltas = {n: 0.05 * torch.randn((3, *p.shape), generator=gen) for n, p in ctx.theta0.items()}
+
+    def fn(p):
+        return run_captured(llama, p, ids, mask, plan)
+
+    with torch.no_grad():
+        primal, tangent = first_order_many(fn, ctx.theta0, deltas)
+        for c in range(3):
+            p1, t1 = first_order(fn, ctx.theta0, {n: d[c] for n, d in deltas.items()})
+            for k in p1:
+                torch.testing.assert_close(primal[k], p1[k], equal_nan=True, atol=0, rtol=0)  # the same primal
+                torch.testing.assert_close(tangent[k][c], t1[k], equal_nan=True, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(tangent["logits"][0], tangent["logits"][1])
 
 
 # ---------------------------------------------------------------- the criterion and the grid

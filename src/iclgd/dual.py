@@ -42,7 +42,17 @@ def _tangent(x) -> torch.Tensor | None:
 
 
 class _ConstantOperands(TorchFunctionMode):
-    """Dual × constant products without the zero tangent of the constant (module docstring)."""
+    """Dual × constant products without the zero tangent of the constant (module docstring).
+
+    `batched`: the tangents carry a candidate dimension under `torch._vmap_internals._vmap`
+    (`first_order_many`), whose batching rules cover `mm`, `mul` and `add` but not `linear`,
+    `matmul` or `addcmul`, which it would run once per candidate: the tangent's product with a
+    frozen weight is then one `mm` over every candidate's rows, and the product rule plain
+    multiplies and an add."""
+
+    def __init__(self, batched: bool = False):
+        super().__init__()
+        self.batched = batched
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,7 +61,11 @@ class _ConstantOperands(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             dx = _tangent(x)
             if dx is not None and _tangent(w) is None and _tangent(b) is None:
-                return fwad.make_dual(F.linear(fwad.unpack_dual(x).primal, w, b), F.linear(dx, w))
+                if self.batched:  # [..., in] -> [rows, in] @ [in, out] -> [..., out]
+                    dy = torch.mm(dx.reshape(-1, dx.shape[-1]), w.t()).view(*dx.shape[:-1], w.shape[0])
+                else:
+                    dy = F.linear(dx, w)
+                return fwad.make_dual(F.linear(fwad.unpack_dual(x).primal, w, b), dy)
         elif func in _MULS and len(args) == 2 and not kwargs:
             a, b = args
             da, db = _tangent(a), _tangent(b)
@@ -60,12 +74,13 @@ class _ConstantOperands(TorchFunctionMode):
                 return fwad.make_dual(fwad.unpack_dual(x).primal * c, dx * c)
             if da is not None and db is not None:  # ȧ·b + a·ḃ in two passes instead of three
                 ap, bp = fwad.unpack_dual(a).primal, fwad.unpack_dual(b).primal
-                return fwad.make_dual(ap * bp, torch.addcmul(da * bp, ap, db))
+                tangent = da * bp + ap * db if self.batched else torch.addcmul(da * bp, ap, db)
+                return fwad.make_dual(ap * bp, tangent)
         elif func in _POWS and len(args) == 2 and not kwargs and _is_number(args[1]) and args[1] == 2:
             dx = _tangent(args[0])
             if dx is not None:  # d(x²) = 2·x·ẋ; the factor 2 is exact, so this equals PyTorch's rule
                 xp = fwad.unpack_dual(args[0]).primal
-                return fwad.make_dual(xp.pow(2), (xp * dx).mul_(2))
+                return fwad.make_dual(xp.pow(2), (xp * dx) * 2 if self.batched else (xp * dx).mul_(2))
         elif func in _SCALAR_OPS and len(args) == 2 and not kwargs and _is_number(args[1]):
             x, c = args
             dx = _tangent(x)
@@ -127,7 +142,7 @@ def first_order_many(
     names = list(theta0)
 
     def tangents(*delta: torch.Tensor) -> tuple[torch.Tensor, ...]:  # this vmap maps tensors and tuples only
-        with fwad.dual_level(), _ConstantOperands():
+        with fwad.dual_level(), _ConstantOperands(batched=True):
             out = fn({n: fwad.make_dual(theta0[n], d) for n, d in zip(names, delta)})
             tangent = []
             for k, v in out.items():

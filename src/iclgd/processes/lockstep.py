@@ -106,8 +106,10 @@ def train(proc: Process, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainR
         losses[idx, step] = loss.detach().float().cpu()
         grads = clip_many(grads, cfg, ctx, step, step_norms)
         for n, g in grads.items():
-            r = rate.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))
-            delta[n] = delta[n] - r * g.detach()
+            # lr · g in float, rounded to g's dtype: what `cfg.lr * g` does with a Python number
+            # (for bfloat16 too: the rate itself is never rounded to the parameters' dtype)
+            r = rate.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+            delta[n] = delta[n] - (r * g.detach().float()).to(g.dtype)
         bar.set_postfix(loss=" ".join(f"{x:.3f}" for x in loss.tolist()))
     after = None
     if alive:  # the first batch once more at the trained weights (iclgd.flags), as Process.train does
@@ -163,7 +165,8 @@ def clip_many(grads: dict[str, torch.Tensor], cfg, ctx: TrainContext, step: int,
         total = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))  # [cand]
         # float64 from here, as base.clip's Python floats
         scale = torch.clamp(cfg.clip_value / (total.double() + 1e-12), max=1.0)
-        return {n: g * scale.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
+        return {n: (g.float() * scale.to(g.device, torch.float32).view(-1, *([1] * (g.dim() - 1)))).to(g.dtype)
+                for n, g in grads.items()}
     if norms is None:
         norms = layer_norms_many(grads, ctx.layer_of, ctx.n_layers)  # [cand, layer]
     if cfg.clip == "layer_l2":
