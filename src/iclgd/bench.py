@@ -45,14 +45,19 @@ TARGET_SEARCH_MEM = 2.0  # a searched setting's memory above the start <= 2x the
 # ---------------------------------------------------------------- measurements
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
-    """Float32 FLOP/s of an n x n matmul on this machine, best and median of `reps` (after a warm-up)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 5, device="cpu", dtype=torch.float32) -> dict:
+    """FLOP/s of an n x n matmul on `device` in `dtype` (the model's), best and median of `reps`
+    (after a warm-up); on a GPU each product is timed to its completion."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
+    sync()
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         rates.append(2 * n**3 / (time.perf_counter() - t0))
     return {"best": max(rates), "median": statistics.median(rates), "n": n, "reps": reps}
 
@@ -112,7 +117,9 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
     searched = [s for s in planned.settings if s.process and s.lr.source == "search"]
     loaded = loaded or load_model(cfg.model.name, device=cfg.compute.device, dtype=cfg.compute.dtype,
                                   revision=cfg.model.revision)
-    matmul_peak(matmul_n, 1)  # warm-up
+    first = next(loaded.model.parameters())
+    probe_on = {"device": first.device, "dtype": first.dtype}
+    matmul_peak(matmul_n, 1, **probe_on)  # warm-up
     dims = ModelDims.of(loaded.model)
     prep = prepare(cfg, loaded)
     prompts, gold, n_icl, extra = prep.prompts, prep.gold, prep.n_icl, prep.extra
@@ -122,11 +129,12 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
     held = {s.label: _held_out_tokens(planned, loaded, s.lr.search_n) for s in searched}
     trim_memory()
     rss_before, load_before = _rss_mb(), _loadavg()
+    gpu_before = torch.cuda.memory_allocated() / 2**20 if first.device.type == "cuda" else None
     runs, default_runs = [], []
     for _ in range(repeat):  # alternated, so that the host's drift hits both cells alike
-        runs.append(_timed_cell(cfg, loaded, dims, tokens, matmul_n, matmul_reps))
+        runs.append(_timed_cell(cfg, loaded, dims, tokens, matmul_n, matmul_reps, probe_on=probe_on))
         if searched:
-            default_runs.append(_timed_cell(planned, loaded, dims, tokens, matmul_n, matmul_reps, held))
+            default_runs.append(_timed_cell(planned, loaded, dims, tokens, matmul_n, matmul_reps, held, probe_on))
     rows = runs[0][0] if repeat == 1 else best_of([r[0] for r in runs])
     probes = [(i, setting, p) for i, (_, run_probes, _) in enumerate(runs) for setting, p in run_probes]
 
@@ -168,7 +176,8 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
                 "dtype": cfg.compute.dtype, "device": cfg.compute.device},
         "machine": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "rss_before_run_mb": rss_before,
+                    "torch": torch.__version__, "rss_before_run_mb": rss_before, "gpu_allocated_before_run_mb": gpu_before,
+                    "gpu": torch.cuda.get_device_name(first.device) if gpu_before is not None else None,
                     "loadavg_1min_before_after": [load_before, _loadavg()],
                     # OpenMP's default active spin-wait collapses when the cores are oversubscribed
                     "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}},
@@ -181,7 +190,7 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
                  "before each setting); timings are wall clock and noisy when other jobs share the machine."),
     }
     if searched:
-        result.update(_default_cell(default_runs, searched, rows, rss_before))
+        result.update(_default_cell(default_runs, searched, rows, rss_before, gpu_before))
     table = markdown(result)
     if out is not None:
         out = Path(out)
@@ -214,16 +223,25 @@ def trim_memory() -> None:
 
 
 def _timed_cell(cfg: CellPlan, loaded, dims: ModelDims, tokens: CellTokens, matmul_n: int,
-                matmul_reps: int, held: dict[str, CellTokens] | None = None) -> tuple[dict, list, object]:
+                matmul_reps: int, held: dict[str, CellTokens] | None = None,
+                probe_on: dict | None = None) -> tuple[dict, list, object]:
     """One timed run of the cell: (rows per setting, matmul probes, the run's CellResult). `held`
-    gives each searched setting's held-out token counts (its floor then includes the search)."""
+    gives each searched setting's held-out token counts (its floor then includes the search);
+    `probe_on` the device and dtype of the matmul probes (the model's)."""
     # The peak is probed before every setting and after the last: on a shared host it drifts by
     # tens of percent within minutes, so each setting's floor uses the better of its two probes.
     probes: list[tuple[str, dict]] = []
+    probe_on = probe_on or {}
+    cuda = torch.device(probe_on.get("device", "cpu")).type == "cuda"
+    gpu_peaks: list[float] = []  # the GPU's peak allocated memory (MB) of each setting
 
     def probe(setting: str) -> None:
+        if cuda:  # read before this probe's own allocations: the previous setting's peak
+            if probes:
+                gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
         trim_memory()
-        probes.append((setting, matmul_peak(matmul_n, matmul_reps)))
+        probes.append((setting, matmul_peak(matmul_n, matmul_reps, **probe_on)))
 
     cell = run(cfg, loaded=loaded, before_setting=probe)
     probe("end")
@@ -244,6 +262,8 @@ def _timed_cell(cfg: CellPlan, loaded, dims: ModelDims, tokens: CellTokens, matm
                          "gflop": total / 1e9, "eval_gflop": fl["eval"] / 1e9,
                          "train_s": wall - eval_s, "eval_s": eval_s, "peak_mem_mb": res["peak_mem_mb"],
                          "accuracy": res["accuracy"]}
+        if gpu_peaks:
+            rows[setting]["gpu_peak_mem_mb"] = gpu_peaks[i]
         if setting in held:
             opts = res["options"]
             rows[setting].update(
@@ -261,7 +281,7 @@ def searched_candidates(res: dict) -> int:
     return sum(1 for a in res["options"].get("lr_search_accuracy", {}).values() if math.isfinite(a))
 
 
-def _default_cell(runs: list, searched: list, ref_rows: dict, rss_before: float) -> dict:
+def _default_cell(runs: list, searched: list, ref_rows: dict, rss_before: float, gpu_before: float | None) -> dict:
     """bench.json's figures for the cell with its learning-rate search, against the reference-rate
     cell's rows (each setting's fastest run with --repeat, as for the reference-rate cell)."""
     rows = runs[0][0] if len(runs) == 1 else best_of([r[0] for r in runs])
@@ -274,10 +294,15 @@ def _default_cell(runs: list, searched: list, ref_rows: dict, rss_before: float)
         memory[s.label] = {"search_peak_mb": mine, "reference_peak_mb": ref, "ratio": mine / ref,
                            # what each setting added to the resident level before the cells ran
                            "ratio_above_start": (mine - rss_before) / max(ref - rss_before, 1.0)}
+        if "gpu_peak_mem_mb" in rows[s.label]:  # on a GPU, its allocated memory is the one that counts
+            mine, ref = rows[s.label]["gpu_peak_mem_mb"], ref_rows[s.label]["gpu_peak_mem_mb"]
+            memory[s.label].update(gpu_search_peak_mb=mine, gpu_reference_peak_mb=ref,
+                                   gpu_ratio_above_start=(mine - gpu_before) / max(ref - gpu_before, 1.0))
+    key = "gpu_ratio_above_start" if gpu_before is not None else "ratio_above_start"
     return {
         "search_overhead": wall / ref_wall,
         "default_floor_ratio": wall / floor,
-        "search_mem_ratio": max(m["ratio_above_start"] for m in memory.values()),
+        "search_mem_ratio": max(m[key] for m in memory.values()),
         "default": {"wall_s": wall, "floor_s": floor, "floor_ratio": wall / floor, "settings": rows,
                     "search_memory": memory, "repeats": [_run_summary(r[0]) for r in runs],
                     "matmul_probes": [{"repeat": i, "before": st, "best": p["best"], "median": p["median"]}
