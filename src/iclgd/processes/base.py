@@ -178,10 +178,11 @@ class Process:
     def train_many(self, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainResult | IclgdError]:
         """Train one candidate per learning rate from θ0 (ctx.config's other options): each entry
         is the candidate's TrainResult or the IclgdError that stopped it. In lockstep where the
-        process supports it (`lockstep.supported`), else one `train` after another."""
+        process supports it (`lockstep.supported`), else (and for a single rate, which gains
+        nothing from batching) one `train` after another."""
         from iclgd.processes import lockstep
 
-        if lockstep.supported(type(self)):
+        if len(lrs) > 1 and lockstep.supported(type(self)):
             return lockstep.train(self, ctx, lrs)
         out: list[TrainResult | IclgdError] = []
         for lr in lrs:
