@@ -294,6 +294,8 @@ def test_the_criterion_breaks_an_accuracy_tie(monkeypatch):
     assert info["lr_search_winner"] == choice.lr and info["lr_search_reason"] == "extended past the edge"
     assert set(info["lr_search"]) == {f"{m * REF:.6g}" for m in (1 / 3, 1.0, 3.0, 9.0)}
     assert info["lr_search"][f"{3 * REF:.6g}"] == max(info["lr_search"].values())
+    se = info["lr_search_paired_se"]  # the winner against itself: no difference, no error
+    assert se[f"{3 * REF:.6g}"] == 0 and all(v > 0 for k, v in se.items() if k != f"{3 * REF:.6g}")
     assert info["lr_search_criterion"] == lrsearch.CRITERION
 
 

@@ -14,7 +14,8 @@ the classification cross-entropy; `heldout_logprob`): continuous, so candidates 
 they did under held-out accuracy (issue 14: on SST-2 two of five candidates tied at 0.625 on 64
 examples and the winner sat at the grid's edge). If the winner sits at an edge of the rates
 tried, the grid extends one step past it with the grid's own ratio at that edge, at most
-`Protocol.lr_extend` times. Every candidate's score and accuracy, the winner and why it won
+`Protocol.lr_extend` times. Every candidate's score, accuracy and the standard error of its
+difference from the winner (paired over the held-out examples), the winner and why it won
 (`REASONS`) go to results.json (`LrChoice.info`). The winner's trained weights are the ones the
 cell evaluates: it is never trained a second time.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,9 @@ class LrChoice:
     errors: dict[float, str] = field(default_factory=dict)  # candidate lr -> why it scored -inf
     reason: str | None = None  # one of REASONS' values
     extensions: int = 0  # grid steps added past an edge
+    # candidate lr -> standard error of its score's difference from the winner's, paired over the
+    # held-out examples: a difference well inside it is noise (context only; the rule is the score)
+    paired_se: dict[float, float] = field(default_factory=dict)
 
     def info(self) -> dict:
         out: dict = {"lr": self.lr, "lr_source": self.source}
@@ -68,21 +73,37 @@ class LrChoice:
             out["lr_search_winner"] = self.lr
             out["lr_search_reason"] = self.reason
             out["lr_search_extensions"] = self.extensions
+            out["lr_search_paired_se"] = {key(lr): se for lr, se in self.paired_se.items()}
             if self.errors:
                 out["lr_search_errors"] = {key(lr): e for lr, e in self.errors.items()}
         return out
 
 
-def heldout_logprob(label_logprobs: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """The search criterion per candidate [cand]: mean over examples of log p(gold label) with the
-    label words' probabilities renormalized to sum to 1. label_logprobs [cand, batch, label]
-    (log-probabilities over the vocabulary, as evaluate records them), gold [batch]. A candidate
-    with any non-finite value scores -inf."""
+def gold_logprob(label_logprobs: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """log p(gold label) per example [cand, batch], the label words' probabilities renormalized to
+    sum to 1 (minus the classification cross-entropy). label_logprobs [cand, batch, label]
+    (log-probabilities over the vocabulary, as evaluate records them), gold [batch]."""
     renorm = label_logprobs - torch.logsumexp(label_logprobs, dim=-1, keepdim=True)  # [cand, batch, label]
-    picked = renorm.gather(-1, gold.view(1, -1, 1).expand(len(renorm), -1, 1))[..., 0]  # [cand, batch]
-    score = picked.double().mean(-1)
+    return renorm.gather(-1, gold.view(1, -1, 1).expand(len(renorm), -1, 1))[..., 0].double()
+
+
+def heldout_logprob(label_logprobs: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """The search criterion per candidate [cand]: the mean over examples of `gold_logprob`. A
+    candidate with any non-finite value scores -inf."""
+    score = gold_logprob(label_logprobs, gold).mean(-1)
     finite = torch.isfinite(label_logprobs).flatten(1).all(-1)
     return torch.where(finite, score, torch.full_like(score, -math.inf))
+
+
+@dataclass
+class _Trial:
+    """One candidate multiple's outcome in a search."""
+
+    score: float  # heldout_logprob; -inf if it diverged or scored non-finite
+    accuracy: float = math.nan
+    result: TrainResult | None = None  # kept only while it is the best so far
+    error: str | None = None
+    per_example: torch.Tensor | None = None  # [batch] gold_logprob
 
 
 def held_out_prompts(plan, tokenizer, n: int) -> tuple[Prompts, list[int]]:
@@ -107,7 +128,7 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
                        reference_norms=reference_norms, progress=False)
     proc = PROCESSES.get(setting.name)()
     gold_t = torch.tensor(gold, dtype=torch.long)
-    trials: dict[float, tuple[float, float, TrainResult | None, str | None]] = {}  # mult -> score, acc, result, error
+    trials: dict[float, _Trial] = {}  # multiple of the reference rate -> outcome
 
     def run(mults: list[float]) -> None:
         results = proc.train_many(ctx, [rule.lr * m for m in mults])
@@ -115,47 +136,56 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
         for m, r in zip(mults, results):
             if not isinstance(r, TrainResult):  # a diverging lr is a legitimate loser of the search
                 log.info("lr search %s: lr %.3g diverged (%s)", setting.label, rule.lr * m, r)
-                trials[m] = (-math.inf, math.nan, None, str(r))
+                trials[m] = _Trial(-math.inf, error=str(r))
         if done:
             lps = _score(proc, ctx, [r for _, r in done], held, plan.compute.batch_size, prep.pad_id)
             for (m, r), lp in zip(done, lps):
-                if lp is None:
-                    trials[m] = (-math.inf, math.nan, None, "non-finite held-out logits")
+                score = -math.inf if lp is None else float(heldout_logprob(lp[None], gold_t)[0])
+                if not math.isfinite(score):
+                    trials[m] = _Trial(-math.inf, error="non-finite held-out log-probabilities")
                     continue
-                score = float(heldout_logprob(lp[None], gold_t)[0])
-                acc = float((lp.argmax(-1) == gold_t).float().mean())
-                trials[m] = (score, acc, r if math.isfinite(score) else None,
-                             None if math.isfinite(score) else "non-finite held-out log-probabilities")
+                trials[m] = _Trial(score, float((lp.argmax(-1) == gold_t).float().mean()), r,
+                                   per_example=gold_logprob(lp[None], gold_t)[0])
+        best = max(trials, key=lambda m: (trials[m].score, -abs(math.log(m))))
+        for m, t in trials.items():  # only the best so far can win: free the others' trained weights
+            if m != best:
+                t.result = None
 
     grid = sorted(set(rule.grid))
     run(grid)
-    winner, reason, extensions = pick(trials, grid, lambda m: run([m]), plan.protocol.lr_extend)
+    winner, reason, extensions = pick(lambda: {m: t.score for m, t in trials.items()}, grid, lambda m: run([m]),
+                                      plan.protocol.lr_extend)
     if winner is None:
         raise IclgdError(f"{setting.label}: every learning rate of the search diverged "
                          f"({', '.join(f'{rule.lr * m:g}' for m in sorted(trials))}); lower the task's lr")
     order = sorted(trials)
-    choice = LrChoice(rule.lr * winner, "search", trials[winner][2], {rule.lr * m: trials[m][0] for m in order},
-                      len(gold), {rule.lr * m: trials[m][1] for m in order},
-                      {rule.lr * m: trials[m][3] for m in order if trials[m][3] is not None}, reason, extensions)
+    w = trials[winner].per_example
+    se = {rule.lr * m: float((trials[m].per_example - w).std() / math.sqrt(len(w)))
+          for m in order if trials[m].per_example is not None and len(w) > 1}
+    choice = LrChoice(rule.lr * winner, "search", trials[winner].result, {rule.lr * m: trials[m].score for m in order},
+                      len(gold), {rule.lr * m: trials[m].accuracy for m in order},
+                      {rule.lr * m: trials[m].error for m in order if trials[m].error is not None}, reason, extensions,
+                      se)
     log.info("lr search %s: %s -> %g (%s)", setting.label, choice.scores, choice.lr, reason)
     return choice
 
 
-def pick(trials: dict, grid: list[float], extend, max_extensions: int) -> tuple[float | None, str, int]:
-    """(winning multiple, reason, extensions) over `trials` {multiple: (score, ...)}: the best
-    score, ties to the multiple closest to 1. While the winner is the lowest or highest multiple
-    tried and fewer than `max_extensions` steps were added, `extend(m)` tries m one grid step past
-    it (the grid's ratio at that edge) and adds it to `trials`. None if every score is -inf."""
-    def best() -> float | None:
-        alive = [m for m in trials if trials[m][0] > -math.inf]
-        return max(alive, key=lambda m: (trials[m][0], -abs(math.log(m)))) if alive else None
+def pick(scores: Callable[[], dict[float, float]], grid: list[float], extend: Callable[[float], None],
+         max_extensions: int) -> tuple[float | None, str, int]:
+    """(winning multiple, reason, extensions) over `scores()` {multiple: score}: the best score,
+    ties to the multiple closest to 1. While the winner is the lowest or highest multiple tried and
+    fewer than `max_extensions` steps were added, `extend(m)` tries m one grid step past it (the
+    grid's ratio at that edge), after which `scores()` includes it. None if every score is -inf."""
+    def best(s: dict[float, float]) -> float | None:
+        alive = [m for m in s if s[m] > -math.inf]
+        return max(alive, key=lambda m: (s[m], -abs(math.log(m)))) if alive else None
 
     extensions = 0
     while True:
-        winner = best()
+        winner = best(scores())
         if winner is None:
             return None, REASONS["best"], extensions
-        tried = sorted(trials)
+        tried = sorted(scores())
         edge = winner in (tried[0], tried[-1]) and len(grid) > 1
         if not edge:
             return winner, REASONS["extended" if extensions else "best"], extensions

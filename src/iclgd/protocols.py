@@ -23,10 +23,14 @@ class Protocol:
     record_at: str = "last"  # "last": the query's last token; "label": an appended label token
     icl_truncation: str = "error"  # "error": never drop demonstrations; "drop": keep what fits (ICL only)
     lr_source: str = "search"  # "search": held-out search per process; "reference": the task's reference lr
-    # The learning-rate search (iclgd.lrsearch; issue 14). Three candidates bracketing the
-    # reference rate, trained in lockstep, scored by held-out gold-label log-probability (a
-    # continuous criterion: no ties, so a coarse grid with edge extension replaces a wide one);
-    # 32 held-out examples cost about what one candidate's training does (bench/README.md).
+    # The learning-rate search (iclgd.lrsearch; issue 14). Every candidate costs close to a full
+    # training even in lockstep (3 candidates: 1.5x faster than one by one for GD, 1.7x for LinGD,
+    # 1.07x for LCGD, whose exits are already wide matmuls; bench/README.md), so the grid is the
+    # fewest rates that bracket the reference: 1/3, 1, 3. The criterion is continuous (held-out
+    # gold-label log-probability), so a coarse grid does not tie as accuracy did, and a winner at
+    # an edge extends the grid by its ratio, at most twice (1/27 to 27 times the reference). 32
+    # held-out examples: scoring all three is 96 query passes, ~1/9 of an 872-example eval; the candidates
+    # are compared on the same examples (paired), which keeps their differences' noise low.
     lr_grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # multiples of the reference lr searched
     lr_search_n: int = 32  # held-out train examples scored per candidate lr
     lr_extend: int = 2  # at most this many grid steps past an edge where the winner sits

@@ -121,7 +121,8 @@ def train(proc: Process, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainR
             out.append(errors[c])
             continue
         j = alive.index(c)
-        out.append(TrainResult({n: d[j] for n, d in delta.items()}, norms[c], losses[c], float(after[j])))
+        # a copy, not a view: the kept winner must not hold every candidate's stack alive
+        out.append(TrainResult({n: d[j].clone() for n, d in delta.items()}, norms[c], losses[c], float(after[j])))
     return out
 
 
