@@ -47,7 +47,7 @@ def main() -> None:
                                   data_dir=args.data_dir, progress=False))
     prep = prepare(plan, loaded)
     seqs = prep.train_seqs[: args.steps]
-    held, _ = held_out_prompts(plan, loaded.tokenizer, args.held_out)
+    held, _ = held_out_prompts(plan, loaded.tokenizer, args.held_out, prep.prompts.bos[0])
     lrs = [plan.task.lr * float(m) for m in args.mults.split(",")]
     out = {"model": args.model, "task": args.task, "lrs": lrs, "steps": len(seqs), "held_out": args.held_out,
            "threads": torch.get_num_threads(), "processes": {}}

@@ -23,7 +23,7 @@ import transformers as tf
 from iclgd.experiment import prepare
 from iclgd.flops import CellTokens, ModelDims, setting_flops
 from iclgd.lrsearch import held_out_prompts
-from iclgd.sweep import plan_cells
+from iclgd.plan import plan_cells
 
 SETTINGS = "zsl,icl,gd,lcgd,lingd,lcgd[clip=match_gd]"
 MODELS = {
@@ -67,7 +67,7 @@ def main() -> None:
             flops = 0
             for s in cell.settings:
                 if s.process and s.lr.source == "search":
-                    held, _ = held_out_prompts(cell, tok_model.tokenizer, s.lr.search_n)
+                    held, _ = held_out_prompts(cell, tok_model.tokenizer, s.lr.search_n, p.bos[0])
                     held_tok = CellTokens(tuple(len(q) for q in held.queries), len(held.bos), 0, ())
                     fl = setting_flops(d, tokens, s.name, len(s.lr.grid), held_tok)
                 else:

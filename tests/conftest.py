@@ -4,9 +4,29 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_DATA = Path(os.environ.get("ICLGD_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def registry(tmp_path_factory):
+    """Plugins register processes and are imported once per process: give the registry, the
+    plugin cache and the imported modules back as they were."""
+    from iclgd import plugins
+    from iclgd.processes import PROCESSES
+
+    items, loaded, modules = dict(PROCESSES._items), dict(plugins._LOADED), set(sys.modules)
+    yield
+    PROCESSES._items.clear()
+    PROCESSES._items.update(items)
+    plugins._LOADED.clear()
+    plugins._LOADED.update(loaded)
+    tmp = str(tmp_path_factory.getbasetemp().resolve())
+    for name in set(sys.modules) - modules:  # the plugin modules the test wrote, nothing else
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(tmp):
+            del sys.modules[name]

@@ -261,4 +261,4 @@ def test_xglm_positions_follow_fairseq():
     got = pos(torch.arange(n)[None])[0]  # [pos, d_model]
     torch.testing.assert_close(got, table[2:])
     assert (got.abs().sum(-1) > 0).all()
-    torch.testing.assert_close(pos(torch.arange(5)[None] + 10, cache_length=10)[0], table[12:17])
+    torch.testing.assert_close(pos(torch.arange(5)[None] + 10, 10)[0], table[12:17])

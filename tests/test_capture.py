@@ -284,3 +284,41 @@ def test_capture_removes_everything_even_on_error():
     assert not has_capture_leftovers(model)
     out = run_captured(model, None, ids, mask, _plan(SEQS))
     assert out["attn_logits"].shape[:3] == (3, 2, arch.attn_shape(model)[0])
+
+
+@pytest.mark.parametrize("tokenization", ["piecewise", "natural"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cached_icl_equals_full_reencoding_on_every_task(family, tokenization):
+    """Real prompts of the six tasks (ragged queries: padding longer than Gemma's 8-token window),
+    both ICL tokenizations: the cached prefix gives the records of full re-encoding."""
+    from iclgd.data import select_examples
+    from iclgd.prompts import build_prompts
+    from iclgd.tasks import get_task, task_names
+
+    from conftest import SHARED_DATA
+    from tiny_tokenizer import tiny_tokenizer
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    for name in task_names():
+        task = get_task(name)
+        sel = select_examples(task, 2, 3, SHARED_DATA, eval_cap=6)
+        p = build_prompts(tok, task, sel, separator="\n\n", tokenization=tokenization)
+        gold = [e.label for e in sel.eval]
+        recs = [evaluate(model, p.queries, gold, p.label_ids, prefix=p.icl_prefix(), pad_id=2,
+                         options=EvalOptions(batch_size=6, cache_prefix=cached, progress=False))
+                for cached in (True, False)]
+        for key in ("label_logprobs", "attn_out", "attn_logits"):
+            got, want = getattr(recs[0], key), getattr(recs[1], key)
+            assert torch.isfinite(got.nan_to_num(0)).all(), (name, key)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True, msg=f"{name} {key}")
+
+
+def test_a_row_that_sees_no_key_gives_zeros_like_sdpa():
+    """A padded query past a sliding window attends to nothing: SDPA's zeros, not NaN."""
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    mask[0, 0, 3] = False  # the last row sees nothing
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    got = math_attention(q, k, v, mask, 8**-0.5)
+    torch.testing.assert_close(got, want)
+    assert (got[0, 3] == 0).all()

@@ -205,7 +205,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
     p = tmp_path / "train.jsonl"
     p.write_text('{"body": "a", "label": 0}\n{"body": "b", "label": \n')
     task = _user_task(tmp_path, "./train.jsonl")
-    with pytest.raises(DataError, match=r"train\.jsonl, line 2: malformed JSON"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2, column 25: malformed JSON .*the line reads: "):
         load_split(task, "train")
 
 

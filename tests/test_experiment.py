@@ -135,3 +135,30 @@ def test_cli_bad_names_exit_2_with_hint(capsys):
     assert "did you mean 'lcgd'" in capsys.readouterr().err
     assert main(["run", "--protocol", "dai2024", "--quiet"]) == 2
     assert "dai2023" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "xglm"])
+def test_start_token_begins_every_sequence_and_is_never_recorded_or_a_target(family):
+    """SPEC §3 on every kind of setting: the start token is at position 0 of the ICL prefix, of
+    the ZSL/process queries and of each training sequence; recorded logits cover the query's own
+    tokens only; the training loss predicts tokens 1..n (the first real token is a target)."""
+    from iclgd.experiment import prepare
+    from iclgd.plan import resolve_cell
+    from iclgd.processes.base import token_loss
+
+    from tiny import tiny_loaded
+
+    lm = tiny_loaded(family)
+    cell = run(RunConfig(settings=("zsl", "icl", "gd"), **{**FAST, "k": 2, "eval_cap": 4}), loaded=lm)
+    prep = prepare(resolve_cell(RunConfig(settings=("zsl", "icl", "gd"), **{**FAST, "k": 2, "eval_cap": 4})), lm)
+    start = cell.config["prompts"]["start_token"]
+    assert prep.prompts.bos == (start,) and prep.prompts.icl_prefix()[0] == start
+    assert all(seq[0] == start and start not in seq[1:2] for seq in prep.train_seqs)
+    own = [len(q) for q in prep.prompts.queries]
+    for s in ("zsl", "icl", "gd"):
+        assert cell.records[s].q_len.tolist() == own  # the start token is never a recorded key
+    seq = torch.tensor(prep.train_seqs[0])
+    logits = torch.randn(len(seq), 7).log_softmax(-1)
+    seq7 = seq % 7
+    manual = -torch.stack([logits[t, seq7[t + 1]] for t in range(len(seq) - 1)]).mean()
+    torch.testing.assert_close(token_loss(logits, seq7), manual)  # targets are tokens 1..n

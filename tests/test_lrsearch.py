@@ -259,7 +259,7 @@ def _search(monkeypatch, table, grid=(1 / 3, 1.0, 3.0), extend=2):
     loaded = tiny_loaded("llama")
     plan = resolve_cell(RunConfig(task="sst2", seed=2, k=4, eval_cap=6, data_dir=str(SHARED_DATA), progress=False,
                                   settings=("gd",), protocol=proto))
-    gold = lrsearch.held_out_prompts(plan, loaded.tokenizer, 8)[1]
+    gold = lrsearch.held_out_prompts(plan, loaded.tokenizer, 8, start=0)[1]
     FakeSearch.calls = []
     FakeSearch.table = staticmethod(lambda mult: table(mult, gold))
     monkeypatch.setattr(lrsearch, "PROCESSES", {"gd": FakeSearch})
@@ -337,11 +337,15 @@ def loaded():
 
 
 def test_the_winner_is_trained_once_and_its_weights_are_evaluated(loaded, monkeypatch):
-    trained, evaluated, singles = [], [], []
+    trained, evaluated, singles, inside = [], [], [], []
     train_many, evaluate, train = Process.train_many, Process.evaluate, Process.train
 
     def spy_many(self, ctx, lrs):
-        out = train_many(self, ctx, lrs)
+        inside.append(True)
+        try:
+            out = train_many(self, ctx, lrs)
+        finally:
+            inside.pop()
         trained.extend(zip(lrs, out))
         return out
 
@@ -351,12 +355,15 @@ def test_the_winner_is_trained_once_and_its_weights_are_evaluated(loaded, monkey
 
     monkeypatch.setattr(Process, "train_many", spy_many)
     monkeypatch.setattr(Process, "evaluate", spy_eval)
-    monkeypatch.setattr(Process, "train", lambda self, ctx: singles.append(ctx.config.lr) or train(self, ctx))
+    monkeypatch.setattr(Process, "train", lambda self, ctx: singles.append((ctx.config.lr, bool(inside)))
+                        or train(self, ctx))
     proto = Protocol(name="t", lr_grid=(1 / 3, 1.0, 3.0), lr_search_n=8, lr_extend=1)
     cell = run(RunConfig(task="sst2", seed=2, k=4, eval_cap=6, data_dir=str(SHARED_DATA), progress=False,
                          settings=("gd",), protocol=proto), loaded=loaded)
     res = cell.results["gd"]
-    assert singles == []  # the search trains through train_many only, and the cell reuses its winner
+    # the search trains through train_many only (a single extension rate through train, inside
+    # it), and the cell reuses its winner: nothing trains outside the search
+    assert all(within for _, within in singles)
     lrs = [lr for lr, _ in trained]
     assert len(lrs) == len(set(lrs)) == len(res["options"]["lr_search"])  # every rate trained exactly once
     winner = dict(trained)[res["lr"]]

@@ -310,3 +310,44 @@ def test_chunking_over_batch_does_not_change_results(monkeypatch):
     chunked = every_metric()
     for a, b in zip(whole, chunked, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+# --- per example, weights and the F2T subset ----------------------------------------------------
+
+
+def test_f2t_mask_hand_made():
+    gold = torch.tensor([0, 0, 0, 0, 0, 1])
+    zsl = torch.tensor([1, 1, 1, 1, 0, 0])  # wrong on 0-3, 5
+    icl = torch.tensor([0, 1, 0, 0, 0, 1])  # right on 0, 2, 3, 4, 5
+    gd = torch.tensor([0, 0, 1, 0, 0, 1])  # right on 0, 1, 3, 4, 5
+    lcgd = torch.tensor([0, 0, 0, 1, 0, 0])  # right on 0, 1, 2, 4
+    assert M.f2t_mask(zsl, icl, [gd], gold).tolist() == [1, 0, 0, 1, 0, 1]
+    assert M.f2t_mask(zsl, icl, [lcgd], gold).tolist() == [1, 0, 1, 0, 0, 0]
+    assert M.f2t_mask(zsl, icl, [gd, lcgd], gold).tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def test_weighted_aggregation_and_empty_subset():
+    x = torch.tensor([[1.0, 3.0], [5.0, 7.0], [float("nan"), 0.0]])  # [batch=3, layer=2]
+    pe = M.PerExample(x).restrict(torch.tensor([True, True, False]))
+    assert pe.n == 2
+    assert pe.per_layer().tolist() == [3.0, 5.0]  # the NaN row has weight 0: never read
+    assert pe.headline() == pytest.approx(4.0)
+    assert pe.example_headline()[:2].tolist() == [2.0, 6.0]
+    empty = M.PerExample(x).restrict(torch.zeros(3, dtype=torch.bool))
+    assert empty.n == 0 and math.isnan(empty.headline())  # never a number from 0 examples
+
+
+def test_per_example_registry_aggregates_to_compute():
+    recs = _cell()
+    recs["zsl"]["pred"] = torch.tensor([1, 0, 1, 1])  # gold [0, 1, 0, 0]: wrong on all
+    pe = M.examples("simam", recs, "gd")
+    assert pe.values.shape == (4, 3) and pe.weight is None
+    assert torch.allclose(pe.per_layer(), M.compute("simam", recs, "gd"))
+    r = M.examples("rec2ftp", recs, "gd")
+    want = M.rec2ftp(recs["zsl"]["pred"], recs["icl"]["pred"], recs["gd"]["pred"], recs["gd"]["gold"])
+    assert r.headline() == pytest.approx(want) and M.compute("rec2ftp", recs, "gd") == pytest.approx(want)
+    mask = M.f2t(recs, "gd")  # ZSL wrong everywhere; ICL and GD right on 0, 1, 3
+    assert mask.tolist() == [True, True, False, True]
+    sub = M.examples("simaou_norm", recs, "gd").restrict(mask)
+    full = M.simaou(recs["icl"]["attn_out"], recs["zsl"]["attn_out"], recs["gd"]["attn_out"])
+    assert sub.headline() == pytest.approx(full[[0, 1, 3]].double().mean().item())

@@ -16,6 +16,7 @@ from iclgd.prompts import (
     format_query,
     label_token_ids,
     separator_ids,
+    start_token,
     uses_bos,
 )
 from iclgd.tasks import get_task, task_names
@@ -84,7 +85,7 @@ def test_separator_ids(tok):
 def test_prompts_concatenate_exactly(tok):
     p = build_prompts(tok, SST2, SEL, separator="\n\n")
     assert p.icl_prefix(0) == list(p.bos)
-    assert p.bos == ((tok.bos_token_id,) if uses_bos(tok) else ())
+    assert p.bos == (tok.bos_token_id,)  # the start token: prepended by one, the declared BOS of the other
     for n in range(len(p.demos) + 1):
         prefix = p.icl_prefix(n)
         expected = len(p.bos) + sum(len(d) for d in p.demos[:n]) + n * len(p.separator)
@@ -172,3 +173,53 @@ def test_demos_that_fit_is_maximal(tok):
     assert demos_that_fit(p, 10_000) == 3
     with pytest.raises(PromptError):
         demos_that_fit(p, longest - 1)
+
+
+class _Tok:
+    """A stand-in tokenizer for the start-token rules: what it prepends, its vocab, bos, eos."""
+
+    def __init__(self, prepends=None, vocab=None, bos=None, eos=None):
+        self.prepends, self.vocab, self.bos_token_id, self.eos_token_id = prepends, vocab or {}, bos, eos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [7]
+        return {"input_ids": ([self.prepends] if add_special_tokens and self.prepends is not None else []) + ids}
+
+    def get_vocab(self):
+        return self.vocab
+
+
+@pytest.mark.parametrize("tok,rule,want", [
+    (_Tok(prepends=4, bos=3), "bos", 3),  # a family's own rule wins (XGLM: fairseq's <s>)
+    (_Tok(prepends=4, bos=3, vocab={"<|endoftext|>": 9}), None, 4),  # what the tokenizer prepends
+    (_Tok(bos=3, eos=5, vocab={"<|endoftext|>": 9}), None, 9),  # the pretraining document separator
+    (_Tok(bos=3, eos=5), None, 3),
+    (_Tok(eos=5), None, 5),
+], ids=["family rule", "prepended", "endoftext", "bos", "eos"])
+def test_start_token_rules(tok, rule, want):
+    assert start_token(tok, rule)[0] == want
+
+
+def test_a_tokenizer_without_any_start_token_is_refused():
+    with pytest.raises(PromptError, match="start sequences"):
+        start_token(_Tok())
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_natural_prefix_is_the_running_texts_tokenization(name):
+    """The natural ICL prefix is what tokenizing the joined text gives, and the query keeps its ids."""
+    from iclgd.data import select_examples
+
+    from conftest import SHARED_DATA
+
+    tok = tiny_tokenizer()
+    task = get_task(name)
+    sel = select_examples(task, 2, 4, SHARED_DATA, eval_cap=5)
+    nat = build_prompts(tok, task, sel, separator="\n\n", tokenization="natural")
+    piece = build_prompts(tok, task, sel, separator="\n\n", tokenization="piecewise")
+    assert nat.queries == piece.queries and nat.demos == piece.demos and nat.bos == piece.bos
+    text = "".join(f"{format_demo(task, d, d.label)}\n\n" for d in sel.demos)
+    for q_text, q in zip([format_query(task, e) for e in sel.eval], nat.queries):
+        joined = tok(text + q_text, add_special_tokens=False)["input_ids"]
+        assert [*nat.bos, *joined] == nat.icl_prefix() + list(q)
+    assert nat.icl_prefix(0) == piece.icl_prefix(0)

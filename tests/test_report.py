@@ -4,46 +4,18 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 from iclgd import report, runfolder
 from iclgd.errors import DataError
-from iclgd.evaluate import Record
-from iclgd.experiment import CellResult, RunConfig, cell_config
-from iclgd.plan import resolve_cell
 
-N, L, H, Q, D, C, STEPS = 6, 3, 2, 5, 8, 2, 4
+from runfolders import H, L, N, Q, write_run
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(root, task, seed, settings=("zsl", "icl", "gd", "lcgd"), done=True):
-    """A run folder with random records (fixed generator), NaN-padded logits, grad norms, written
-    by the real writer (runfolder.write) from a real plan."""
-    rng = np.random.default_rng(1000 * seed + sum(map(ord, task)))
-    plan = resolve_cell(RunConfig(model="tiny-gpt2", task=task, seed=seed, k=4, settings=settings, lr=0.1),
-                        out=root / f"{task}_s{seed}", check_data=False)
-    q_len = rng.integers(1, Q + 1, size=N)  # shared by every setting of this run
-    gold = rng.integers(0, C, size=N)
-    records, results = {}, {}
-    for s in plan.settings:
-        logits = rng.standard_normal((N, L, H, Q)).astype(np.float32)  # [batch, layer, head, q]
-        for i, n in enumerate(q_len):
-            logits[i, :, :, n:] = np.nan
-        t = torch.from_numpy
-        rec = Record(label_logprobs=t(rng.standard_normal((N, C)).astype(np.float32)), pred=t(rng.integers(0, C, size=N)),
-                     gold=t(gold), attn_out=t(rng.standard_normal((N, L, D)).astype(np.float32)),
-                     attn_logits=t(logits), q_len=t(q_len))
-        if s.process:
-            rec.extras.update(grad_norms=t(rng.uniform(0.01, 10, (L, STEPS)).astype(np.float32)),
-                              losses=t(rng.uniform(0, 3, STEPS).astype(np.float32)))
-        records[s.label] = rec
-        results[s.label] = {"accuracy": rec.accuracy, "n": N, "wall_s": 0.1, "peak_mem_mb": 1.0,
-                            "process": s.name if s.process else None, "options": {}}
-    cell = CellResult(cell_config(plan, {"name": "tiny-gpt2"}), records, results, [], list(range(N)))
-    path = runfolder.write(plan.out, cell)
-    if not done:
-        (path / "DONE").unlink()
-    return path
+def _write_run(root, task, seed, settings=("zsl", "icl", "gd", "lcgd"), done=True, **kw):
+    """A run folder with random records, written by the real writer (runfolders.write_run)."""
+    return write_run(root, task, seed, settings, done, **kw)
 
 
 @pytest.fixture
@@ -88,7 +60,7 @@ def test_safe_name():
 
 def test_tables_match_numpy_recomputation(runs_root, tmp_path):
     out = tmp_path / "report"
-    report.build_report(runs_root, out)
+    report.build_report(runs_root, out, figures=False)
     simaou, acc, simam = _csv(out, "simaou"), _csv(out, "accuracy"), _csv(out, "simam")
     task_means = {}
     for task in ("sst2", "subj"):
@@ -112,7 +84,7 @@ def test_tables_match_numpy_recomputation(runs_root, tmp_path):
 
 def test_tables_rows_and_columns(runs_root, tmp_path):
     out = tmp_path / "report"
-    report.build_report(runs_root, out)
+    report.build_report(runs_root, out, figures=False)
     for name in ("accuracy", "rec2ftp", "simaou", "simam", "simam_delta", "alpha"):
         md = (out / "tables" / f"{name}.md").read_text()
         for row in ("| sst2 |", "| subj |", "| average |"):
@@ -135,7 +107,7 @@ def test_figures_and_html(runs_root, tmp_path):
     out = tmp_path / "report"
     page = report.build_report(runs_root, out)
     assert page == out / "report.html"
-    names = {"accuracy", "simaou_layers", "simam_delta_layers", "alpha", "grad_norms"}
+    names = {"accuracy", "simaou_layers", "simam_delta_layers", "alpha", "grad_norms", "headline_intervals"}
     for name in names:
         png = out / "figures" / f"{name}.png"
         data = png.read_bytes()
@@ -153,7 +125,7 @@ def test_unfinished_folder_skipped(runs_root, tmp_path, capsys):
     assert {r.task for r in runs} == {"sst2", "subj"}
     assert [p for p, why in skipped] == [cb] and "unfinished" in skipped[0][1]
     out = tmp_path / "report"
-    report.build_report(runs_root, out)
+    report.build_report(runs_root, out, figures=False)
     assert "cb" not in (out / "tables" / "accuracy.md").read_text()
     assert f"skipped {cb}: unfinished" in capsys.readouterr().err
     assert "unfinished" in (out / "summary.md").read_text()
@@ -197,3 +169,67 @@ def test_load_run_and_find_runs_errors(tmp_path):
     assert run.records("gd")["attn_logits"].shape == (N, L, H, Q)
     with pytest.raises(DataError, match="no records"):
         run.records("lingd")
+
+
+def _files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".iclgd"}
+
+
+def test_report_rebuilds_byte_identically(tmp_path):
+    """Two `iclgd report` runs on the same folders, in two processes with different string
+    hashing, write the same bytes: summary, tables, claims, figures and the HTML page."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    _write_run(root, "sst2", 2)
+    _write_run(root, "sst2", 3, settings=("zsl", "icl"))  # two seeds: t intervals across seeds
+    _write_run(root, "sst2", 2, control="untrained")  # claims against a control
+    a, b = tmp_path / "a", tmp_path / "b"
+    report.build_report(root, a)
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", f"from iclgd import report; report.build_report({str(root)!r}, "
+                    f"{str(b)!r})"], check=True, env=env, capture_output=True)
+    fa, fb = _files(a), _files(b)
+    assert "summary.md" in fa and "tables/claims.md" in fa and "figures/headline_intervals.png" in fa
+    assert sorted(fa) == sorted(fb)
+    assert [k for k in fa if fa[k] != fb[k]] == []
+
+
+def test_summary_has_claims_and_controls_beside_the_trained_model(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (2, 3):
+        _write_run(root, "sst2", seed)
+        _write_run(root, "sst2", seed, control="untrained")
+    out = tmp_path / "report"
+    report.build_report(root, out, figures=False)
+    summary = (out / "summary.md").read_text()
+    assert "## Claims (SPEC §7)" in summary and "the trained model's above the untrained control's" in summary
+    assert "fairseq-dense 1.3B" in summary and "holds if the interval excludes 0" in summary
+    claims_csv = (out / "tables" / "claims.csv").read_text()
+    assert "trained>untrained SimAM gd" in claims_csv and "icl>zsl" in claims_csv
+    html = (out / "report.html").read_text()
+    assert "<h2>Claims (SPEC §7)</h2>" in html and "sst2 · untrained" in html
+    simaou = (out / "tables" / "simaou.md").read_text().splitlines()
+    rows = [line.split(" | ")[0] for line in simaou if line.startswith("| ")][1:]  # after the header
+    assert rows == ["| sst2", "| sst2 · untrained", "| average", "| average · untrained"]
+    with (out / "tables" / "simaou.csv").open() as f:
+        lines = list(csv.DictReader(f))
+    got = {(r["control"], r["task"]): float(r["mean"]) for r in lines if r["column"] == "gd (norm)"}
+    for control, folder in (("trained", "sst2_s{}"), ("untrained", "sst2_s{}_untrained")):
+        per_seed = []
+        for seed in (2, 3):
+            r = {s: _npz_at(root / folder.format(seed), s) for s in ("zsl", "icl", "gd")}
+            per_seed.append(_np_simaou_norm(*(r[s]["attn_out"] for s in ("icl", "zsl", "gd"))))
+        assert got[control, "sst2"] == pytest.approx(np.mean(per_seed), abs=1e-9)  # never pooled
+    cells = (out / "tables" / "simaou_cells.md").read_text()
+    assert "| sst2 | 3 | untrained |" in cells and "[" in cells
+    for name in ("agreement", "f2t_gd", "f2t_lcgd", "claims_cells"):
+        assert (out / "tables" / f"{name}.md").exists() and (out / "tables" / f"{name}.csv").exists()
+
+
+def _npz_at(path, setting):
+    with np.load(path / "records" / f"{runfolder.safe_name(setting)}.npz") as z:
+        return {k: z[k] for k in z.files}

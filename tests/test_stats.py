@@ -323,3 +323,31 @@ def test_same_seed_same_bytes():
 
     assert run(0) == run(0)
     assert run(0) != run(1)
+
+
+# --- weighted statistics and shared resamples -------------------------------------------------
+
+
+def test_weighted_mean_of_is_a_ratio_and_nan_without_weight():
+    x = np.array([1.0, 2.0, np.nan, 4.0])  # NaN where the weight is 0: never read
+    w = np.array([1.0, 0.0, 0.0, 1.0])
+    stat = S.mean_of(x, weight=w)
+    assert stat(np.arange(4)) == pytest.approx(2.5)  # (1 + 4) / 2
+    idx = np.array([[0, 0, 1, 2], [1, 2, 1, 2], [3, 3, 3, 0]])
+    got = stat(idx)
+    assert got[0] == pytest.approx(1.0) and math.isnan(got[1]) and got[2] == pytest.approx(13 / 4)
+    iv = S.paired_bootstrap(stat, 4, n_boot=300, seed=1, batched=True)
+    assert 0 < iv.n_invalid < 300  # resamples without examples 0 or 3 are dropped and counted
+
+
+def test_precomputed_indices_give_the_same_result():
+    x = _rng(11).normal(size=25)
+    idx = S.bootstrap_indices(25, 200, seed=7)
+    a = S.paired_bootstrap(S.mean_of(x), 25, n_boot=200, seed=7, batched=True)
+    b = S.paired_bootstrap(S.mean_of(x), 25, n_boot=200, idx=idx, batched=True)
+    assert (a.low, a.high) == (b.low, b.high)
+    t1 = S.paired_difference_test(S.mean_of(x), S.mean_of(x * 0), 25, n_boot=200, seed=7)
+    t2 = S.paired_difference_test(S.mean_of(x), S.mean_of(x * 0), 25, n_boot=200, idx=idx)
+    assert (t1.low, t1.high, t1.p) == (t2.low, t2.high, t2.p)
+    with pytest.raises(ValueError, match="idx has shape"):
+        S.paired_bootstrap(S.mean_of(x), 25, n_boot=100, idx=idx)

@@ -46,6 +46,9 @@ class ArchSpec:
     # "xglm": XGLM computes attention inline in its forward (no interface call, no `_attn`), so a
     # capture swaps that forward for `capture._xglm_forward`
     attn_kernel: str = "interface"
+    # the start token (SPEC §3; iclgd.prompts.start_token): None = the general rule, "bos" = the
+    # tokenizer's bos_token (fairseq's <s>, which the reference code put at position 0)
+    start_token: str | None = None
 
 
 SPECS: dict[str, ArchSpec] = {
@@ -152,6 +155,7 @@ SPECS: dict[str, ArchSpec] = {
         final_norm="model.layer_norm",
         unembed="lm_head",
         attn_kernel="xglm",
+        start_token="bos",
     ),
 }
 

@@ -56,9 +56,28 @@ def math_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = _mask_scores(scores, attention_mask)
+    dead = _dead_rows(attention_mask)
+    if dead is not None:  # see _dead_rows
+        scores = scores.masked_fill(dead, 0.0)
     probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
     out = probs @ _expand_kv(value, n_heads)  # [batch, head, q, d_head]
     return out.transpose(1, 2).contiguous()
+
+
+def _dead_rows(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[batch, 1, q, 1] True where a query row may attend to no key at all, or None if none is.
+
+    A right-padded query past the end of its example, in a sliding-window layer, sees only
+    padding keys. SDPA (torch >= 2.5) gives such a row a zero output; a plain softmax gives NaN,
+    and the NaN then reaches every row of the next layer through 0·NaN in probs·v. The rows are
+    never read, so they get SDPA's zeros here too."""
+    if attention_mask is None:
+        return None
+    open_ = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    dead = ~open_.any(-1, keepdim=True)
+    return dead if bool(dead.any()) else None
 
 
 def prefix_attention(
@@ -167,7 +186,13 @@ def _prefix_attention_scores(query, key, value, prefix, attention_mask, scaling,
             part.masked_fill_(~m, float("-inf"))
         else:
             part.add_(m)
-    probs = torch.softmax(scores, dim=-1).view(n_kv, b * g * q_len, p_len + q_len)
+    dead = None if prefix_open else _dead_rows(attention_mask)  # an open prefix is always seen
+    if dead is not None:
+        scores.masked_fill_(dead[None], 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs.masked_fill_(dead[None], 0.0)
+    probs = probs.view(n_kv, b * g * q_len, p_len + q_len)
     out = probs[..., :p_len] @ pv[0]  # [kv, b*g*q, d]
     out = out.view(n_kv, b, g * q_len, d) + probs[..., p_len:].view(n_kv, b, g * q_len, q_len) @ value.transpose(0, 1)
     return _unfold_groups(out, b, n_heads, q_len)

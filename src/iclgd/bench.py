@@ -126,7 +126,7 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
     tokens = CellTokens(query_lens=tuple(len(q) + extra for q in prompts.queries), bos=len(prompts.bos),
                         icl_prefix=len(prompts.icl_prefix(n_icl)),
                         train_lens=tuple(len(prompts.training_sequence(i)) for i in range(len(prompts.demos))))
-    held = {s.label: _held_out_tokens(planned, loaded, s.lr.search_n) for s in searched}
+    held = {s.label: _held_out_tokens(planned, loaded, s.lr.search_n, prompts.bos[0]) for s in searched}
     trim_memory()
     rss_before, load_before = _rss_mb(), _loadavg()
     gpu_before = torch.cuda.memory_allocated() / 2**20 if first.device.type == "cuda" else None
@@ -203,11 +203,11 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
     return result
 
 
-def _held_out_tokens(plan: CellPlan, loaded, n: int) -> CellTokens:
+def _held_out_tokens(plan: CellPlan, loaded, n: int, start: int) -> CellTokens:
     """The token counts of a search's held-out prompts (scored as ZSL scores its queries)."""
     from iclgd.lrsearch import held_out_prompts
 
-    held, _ = held_out_prompts(plan, loaded.tokenizer, n)
+    held, _ = held_out_prompts(plan, loaded.tokenizer, n, start)
     return CellTokens(query_lens=tuple(len(q) for q in held.queries), bos=len(held.bos), icl_prefix=0, train_lens=())
 
 

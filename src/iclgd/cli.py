@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if "unrecognized arguments" in message:
             words = message.split(":", 1)[1].split()
-            known = [o for a in self._actions for o in a.option_strings]
+            known = _options(self)
             hints = []
             for w in words:
                 close = difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.6)
@@ -36,6 +37,17 @@ class _Parser(argparse.ArgumentParser):
             if hints:
                 message += " (" + "; ".join(hints) + ")"
         self.exit(2, f"iclgd: error: {message}\n  ({self.prog} --help lists the options)\n")
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of `parser` and of its subcommands (unknown arguments surface at the top)."""
+    out = []
+    for action in parser._actions:
+        out += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _options(sub)
+    return sorted(set(out) - {"-h", "--help"})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -78,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--settings", default="zsl,icl", help=SETTINGS_HELP)
     r.add_argument("--separator", default=None, help=r"demonstration separator: '\n', '\n\n' or eos")
     r.add_argument("--record-at", default=None, choices=["last", "label"])
+    r.add_argument("--icl-tokenization", default=None, choices=["piecewise", "natural"],
+                   help="tokenize the ICL prefix piece by piece or as running text (default: the protocol's)")
     r.add_argument("--label-switch", action="store_true", help="demonstrations carry deranged labels")
+    r.add_argument("--control", default=None, choices=["untrained", "untrained-partial"],
+                   help="run on a re-initialized copy of the model (SPEC §7 controls) instead of the trained one")
     r.add_argument("--params", default="kv", help="trained parameter group: kv, qkvo, attn, all")
     r.add_argument("--no-cache-prefix", action="store_true", help="re-encode demonstrations per query")
     r.add_argument("--out", default=None, help="run folder (default runs/MODEL_TASK_sSEED)")
@@ -90,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", default=None, help="comma list; default: each task's protocol seeds")
     rep.add_argument("--k", type=int, default=32)
     rep.add_argument("--settings", default="zsl,icl,gd,lcgd,lingd,lcgd[clip=match_gd]", help=SETTINGS_HELP)
+    rep.add_argument("--controls", action="store_true",
+                     help="also run every cell on the untrained and untrained-partial controls (SPEC §7)")
+    rep.add_argument("--control-seeds", default=None, help="comma list: run the controls for these seeds only")
     rep.add_argument("--backend", default="local", choices=["local", "ray"])
     rep.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     rep.add_argument("--cpus-per-cell", type=int, default=1,
@@ -124,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_warnings()
     try:
         return _dispatch(args)
+    except BrokenPipeError:  # the output went to a pipe that closed (| head): nothing left to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("\niclgd: interrupted; finished cells and run folders are kept (run the same command again to "
               "resume)", file=sys.stderr)
@@ -159,6 +181,8 @@ def _dispatch(args) -> int:
     from iclgd.plugins import load_plugins
 
     load_plugins(getattr(args, "plugin", []))
+    if getattr(args, "quiet", False):  # transformers' own "Loading weights" bar too (read at its import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.command == "run":
         return _run(args)
     if args.command == "reproduce":
@@ -200,7 +224,9 @@ def _run(args) -> int:
 
     cfg = _run_config(args, task=args.task, seed=args.seed, k=args.k, settings=args.settings,
                       separator=_unescape(args.separator), record_at=args.record_at,
-                      label_switch=args.label_switch, params=args.params, cache_prefix=not args.no_cache_prefix)
+                      icl_tokenization=args.icl_tokenization,
+                      label_switch=args.label_switch, params=args.params, cache_prefix=not args.no_cache_prefix,
+                      control=args.control)
     out = args.out or f"runs/{Path(args.model).stem}_{Path(args.task).stem}_s{args.seed}"
     cell = resolve_cell(cfg, out=out, overwrite=args.overwrite)
     if args.dry_run:
@@ -216,14 +242,13 @@ def _run(args) -> int:
 
 def _reproduce(args) -> int:
     from iclgd import outputs
-    from iclgd.plan import Plan, PlanError
-    from iclgd.sweep import plan_cells, reproduce
+    from iclgd.plan import Plan, PlanError, plan_cells
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
-    except ValueError:
-        raise PlanError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    seeds = _ints("--seeds", args.seeds)
+    control_seeds = _ints("--control-seeds", args.control_seeds)
+    if control_seeds is not None and not args.controls:
+        raise PlanError("--control-seeds needs --controls")
     if args.cpus_per_cell < 1:
         raise PlanError(f"--cpus-per-cell must be >= 1, got {args.cpus_per_cell}")
     if args.address and args.backend != "ray":
@@ -233,16 +258,30 @@ def _reproduce(args) -> int:
     cells = plan_cells(tasks, seeds, model=args.model, protocol=args.protocol, k=args.k, settings=args.settings,
                        eval_cap=args.eval_cap, data_dir=args.data_dir, root=out / "runs", revision=args.revision,
                        lr=args.lr, lr_source=args.lr_source, batch_size=args.batch_size, data_source=args.data_source,
-                       device=args.device, dtype=args.dtype, progress=not args.quiet)
+                       device=args.device, dtype=args.dtype, progress=not args.quiet,
+                       controls=("untrained", "untrained-partial") if args.controls else (), control_seeds=control_seeds)
     plan = Plan("reproduce", tuple(cells), out, args.overwrite, args.backend, tuple(args.plugin))
     if args.dry_run:
         print(plan.describe())
         return 0
+    from iclgd.sweep import reproduce
+
     options = {"cpus_per_cell": args.cpus_per_cell}
     if args.address:
         options["address"] = args.address
     reproduce(plan, sweep_options=options)
     return 0
+
+
+def _ints(flag: str, text: str | None) -> list[int] | None:
+    from iclgd.plan import PlanError
+
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise PlanError(f"{flag} must be a comma list of integers, got {text!r}") from None
 
 
 def _report(args) -> int:

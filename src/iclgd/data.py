@@ -194,7 +194,10 @@ def _read_file(path: str, mtime_ns: int) -> tuple[tuple[dict, int], ...]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
+                    text = line.rstrip("\n")
+                    shown = text if len(text) <= 160 else text[:157] + "..."
+                    raise DataError(f"{path}, line {n}, column {e.pos + 1}: malformed JSON ({e.msg}); the line "
+                                    f"reads: {shown}") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {n}: expected a JSON object per line")
                 rows.append((row, n))

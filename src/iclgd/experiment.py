@@ -18,14 +18,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iclgd import flags, runfolder
+from iclgd import arch, flags, runfolder
+from iclgd.controls import control_model
 from iclgd.data import Selection, select_examples, switch_labels
 from iclgd.errors import PromptError
 from iclgd.evaluate import EvalOptions, Record, evaluate
 from iclgd.lrsearch import choose_lr
 from iclgd.plan import CellPlan, RunConfig, SettingPlan, resolve_cell
 from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
-from iclgd.prompts import Prompts, build_prompts, check_fits, demos_that_fit
+from iclgd.prompts import Prompts, build_prompts, check_fits, demos_that_fit, start_token
 
 log = logging.getLogger(__name__)
 __all__ = ["CellResult", "PeakMemory", "Prepared", "RunConfig", "prepare", "process_config", "run"]
@@ -87,6 +88,7 @@ class Prepared:
     n_icl: int  # demonstrations ICL sees: k, or what fits under the dai2023 "drop" rule
     train_seqs: list[list[int]]
     pad_id: int
+    prompt_info: dict = field(default_factory=dict)  # start token, tokenization: stored in config.json
 
     @property
     def gold(self) -> list[int]:
@@ -102,7 +104,9 @@ def prepare(plan: CellPlan, loaded) -> Prepared:
     gold_demo = [d.label for d in sel.demos]
     demo_labels = switch_labels(gold_demo, task.n_classes) if plan.label_switch else gold_demo
     tok = loaded.tokenizer
-    prompts = build_prompts(tok, task, sel, separator=plan.separator, demo_labels=demo_labels)
+    start, rule = start_token(tok, arch.arch_spec(loaded.model).start_token)
+    prompts = build_prompts(tok, task, sel, separator=plan.separator, demo_labels=demo_labels, start=start,
+                            tokenization=plan.icl_tokenization)
     extra = 1 if plan.record_at == "label" else 0
     n_icl = plan.k
     if plan.protocol.icl_truncation == "drop":
@@ -116,7 +120,10 @@ def prepare(plan: CellPlan, loaded) -> Prepared:
     if too_long:
         raise PromptError(f"demonstration(s) {too_long} exceed the context ({loaded.max_length} tokens)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return Prepared(plan, sel, demo_labels, prompts, extra, n_icl, train_seqs, pad)
+    info = {"start_token": start, "start_token_text": tok.convert_ids_to_tokens(start), "start_token_rule": rule,
+            "icl_tokenization": plan.icl_tokenization, "separator_ids": list(prompts.separator),
+            "icl_prefix_tokens": len(prompts.icl_prefix(n_icl))}
+    return Prepared(plan, sel, demo_labels, prompts, extra, n_icl, train_seqs, pad, info)
 
 
 def process_config(setting: SettingPlan, lr: float) -> ProcessConfig:
@@ -135,7 +142,9 @@ def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None
 
     plan = resolve_cell(cfg, out=out, overwrite=overwrite)
     loaded = loaded or load_model(plan.model.name, device=plan.compute.device, dtype=plan.compute.dtype,
-                                  revision=plan.model.revision)
+                                  revision=plan.model.revision, progress=plan.compute.progress)
+    if plan.control is not None:  # a re-initialized copy (SPEC §7); the loaded model stays as it is
+        loaded = control_model(loaded, plan.control, plan.seed)
     prep = prepare(plan, loaded)
     if prep.n_icl < plan.k and "icl" in plan.labels:
         log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", prep.n_icl, plan.k)
@@ -157,7 +166,7 @@ def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None
         results[setting.label]["eval_s"] = wall - results[setting.label]["train_s"]
         log.info("%s: accuracy %.4f (%.1f s)", setting.label, rec.accuracy, wall)
 
-    config = cell_config(plan, loaded.identity)
+    config = cell_config(plan, loaded.identity, prep.prompt_info)
     demos = [{"id": d.id, "fields": d.fields, "gold": d.label, "label": y}
              for d, y in zip(prep.selection.demos, prep.demo_labels)]
     result = CellResult(config, records, results, demos, [e.id for e in prep.selection.eval])
@@ -166,10 +175,11 @@ def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None
     return result
 
 
-def cell_config(plan: CellPlan, identity: dict) -> dict:
+def cell_config(plan: CellPlan, identity: dict, prompt_info: dict | None = None) -> dict:
     """A run folder's config.json (runfolder adds the schema): the plan, what report tables group
-    by, the model's identity and the provenance."""
+    by, the model's identity, how prompts were tokenized, and the provenance."""
     return {
+        "prompts": prompt_info or {},
         "task": plan.task.to_dict(), "seed": plan.seed, "k": plan.k,
         "model": {**identity, "revision": plan.model.revision}, "protocol": plan.protocol.to_dict(),
         "settings": plan.labels, "label_switch": plan.label_switch, "control": plan.control, "plan": plan.to_dict(),

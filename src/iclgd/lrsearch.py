@@ -106,12 +106,14 @@ class _Trial:
     per_example: torch.Tensor | None = None  # [batch] gold_logprob
 
 
-def held_out_prompts(plan, tokenizer, n: int) -> tuple[Prompts, list[int]]:
+def held_out_prompts(plan, tokenizer, n: int, start: int) -> tuple[Prompts, list[int]]:
     """The n held-out search prompts of a cell and their gold labels (never an eval example:
-    `held_out` skips the cell's eval set, given its eval cap and seed, and its demonstrations)."""
+    `held_out` skips the cell's eval set, given its eval cap and seed, and its demonstrations),
+    each after the cell's start token `start` (SPEC §3), as its eval queries."""
     pool = held_out(plan.task, plan.seed, plan.k, n, plan.data_dir, plan.data_source,
                     eval_cap=plan.eval_cap, eval_seed=plan.protocol.eval_seed)
-    held = build_prompts(tokenizer, plan.task, Selection(demos=(), eval=tuple(pool)), separator=plan.separator)
+    held = build_prompts(tokenizer, plan.task, Selection(demos=(), eval=tuple(pool)), separator=plan.separator,
+                         start=start)
     return held, [e.label for e in pool]
 
 
@@ -123,7 +125,7 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
     from iclgd.experiment import process_config
 
     plan = prep.plan
-    held, gold = held_out_prompts(plan, loaded.tokenizer, rule.search_n)
+    held, gold = held_out_prompts(plan, loaded.tokenizer, rule.search_n, start=prep.prompts.bos[0])
     ctx = TrainContext(loaded.model, prep.train_seqs, process_config(setting, rule.lr),
                        reference_norms=reference_norms, progress=False)
     proc = PROCESSES.get(setting.name)()

@@ -14,14 +14,21 @@ Every cosine is computed in float64 (float32 attention outputs of a 2048-wide mo
 in the dot products) and is 0, never NaN, where either vector is zero, e.g. a process that did
 not move an attention output (h_P == h_ZSL) has SimAOU 0.
 
+Per example, then aggregated: every metric is first a value per eval example (``PerExample``:
+[batch, layer] or [batch], with a weight [batch] saying which examples count), and the per-layer
+curve and the headline are weighted means on top. The report needs the per-example values to
+bootstrap over examples (SPEC §7) and to restrict a metric to the F2T subset (``f2t_mask``).
+
 The bottom of the file holds ``METRICS``, a registry from metric names to functions over one
-cell's records; the report uses it, the core functions above it do not depend on it.
+cell's records returning ``PerExample``; ``compute`` aggregates. The report uses it; the core
+functions above it do not depend on it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -211,19 +218,82 @@ def rec2ftp(pred_zsl: Tensor, pred_icl: Tensor, pred_p: Tensor, gold: Tensor) ->
     return 100.0 * int(both.sum()) / denom
 
 
+def f2t_mask(pred_zsl: Tensor, pred_icl: Tensor, preds_p: Sequence[Tensor], gold: Tensor) -> Tensor:
+    """The F2T subset (SPEC §4; the reference's ``mode='f2t'``) -> [batch] bool.
+
+    Examples ZSL gets wrong while ICL and every process in ``preds_p`` get right: one process
+    for SimAOU(P), SimAM(P), SimAM_Δ(P); both for α(P, Q), whose two updates must both be
+    "false to true" (the reference analysed one process at a time). All inputs [batch] int.
+    """
+    gold = torch.as_tensor(gold)
+    mask = (torch.as_tensor(pred_zsl) != gold) & (torch.as_tensor(pred_icl) == gold)
+    for pred in preds_p:
+        mask = mask & (torch.as_tensor(pred) == gold)
+    return mask
+
+
 # ---------------------------------------------------------------------------------------------
 # aggregation
 # ---------------------------------------------------------------------------------------------
 
 
-def per_layer(x: Tensor) -> Tensor:
-    """Per-layer curve: mean over examples of a [batch, layer] metric -> [layer]."""
-    return x.double().mean(dim=0)
+@dataclass(frozen=True)
+class PerExample:
+    """A metric before aggregation: per-example values and which examples count.
+
+    ``values``: [batch, layer] for the similarity metrics, [batch] for predictions (accuracy as
+    0/1, Rec2FTP as 100 · "ICL right"). ``weight``: [batch] 0/1, the examples the metric is
+    taken over, or None for all of them: Rec2FTP counts only the examples P fixed, and a subset
+    such as F2T is a weight. Every aggregate is a weighted mean over examples, so a bootstrap
+    that resamples the whole eval set (paired with the other settings) resamples the subset too.
+    """
+
+    values: Tensor
+    weight: Tensor | None = None
+
+    def restrict(self, mask: Tensor) -> PerExample:
+        """The same metric over the examples of ``mask`` [batch] bool only."""
+        mask = torch.as_tensor(mask).double()
+        return PerExample(self.values, mask if self.weight is None else self.weight * mask)
+
+    @property
+    def n(self) -> int:
+        """Examples that count (0 for an empty subset)."""
+        return len(self.values) if self.weight is None else int((self.weight > 0).sum())
+
+    def per_layer(self) -> Tensor:
+        """Weighted mean over examples: [layer] (0-d for [batch] values); NaN where none count."""
+        return per_layer(self.values, self.weight)
+
+    def headline(self) -> float:
+        """Mean over examples, then over layers (SPEC §4); NaN where no example counts."""
+        return self.per_layer().mean().item()
+
+    def example_headline(self) -> Tensor:
+        """[batch] float64: each example's mean over layers. Its weighted mean over examples is
+        ``headline()`` (every example has every layer), so it is what a bootstrap resamples."""
+        v = self.values.double()
+        return v.flatten(1).mean(1) if v.ndim > 1 else v
 
 
-def headline(x: Tensor) -> float:
+def per_layer(x: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Per-layer curve: mean over examples of a [batch, layer] metric -> [layer].
+
+    ``weight`` [batch]: a weighted mean Σ w·x / Σ w instead (NaN where Σ w = 0; an entry with
+    weight 0 is never read, so it may be NaN).
+    """
+    x = x.double()
+    if weight is None:
+        return x.mean(dim=0)
+    w = torch.as_tensor(weight).double().reshape(-1, *([1] * (x.ndim - 1)))  # [batch, 1, ...]
+    total = w.sum(dim=0)
+    num = torch.where(w > 0, x * w, 0.0).sum(dim=0)
+    return torch.where(total > 0, num / total.clamp_min(torch.finfo(total.dtype).tiny), math.nan)
+
+
+def headline(x: Tensor, weight: Tensor | None = None) -> float:
     """Headline number: mean over examples, then over layers, of a [batch, layer] metric."""
-    return per_layer(x).mean().item()
+    return per_layer(x, weight).mean().item()
 
 
 def mean_sd(values: Sequence) -> tuple:
@@ -257,11 +327,12 @@ def mean_sd(values: Sequence) -> tuple:
 # One cell's records: setting name -> {"label_logprobs", "pred", "gold", "attn_out",
 # "attn_logits", "q_len", ...} as tensors (any Mapping, so the report can load keys lazily).
 Records = Mapping[str, Mapping[str, Tensor]]
-# A metric returns a per-layer curve [layer] or a scalar.
+# An aggregated metric: a per-layer curve [layer] or a scalar.
 MetricValue = Tensor | float
-# (records, process, *, seed) -> value. ``process`` is a setting name, or for the two-process
-# metrics (alpha, alpha_aou*) a (P, Q) pair; ``seed`` only matters for the random baselines.
-MetricFn = Callable[..., MetricValue]
+# (records, process, *, seed) -> PerExample. ``process`` is a setting name, or for the
+# two-process metrics (alpha, alpha_aou*) a (P, Q) pair; ``seed`` only matters for the random
+# baselines. Registered functions return per-example values; ``compute`` aggregates them.
+MetricFn = Callable[..., PerExample]
 
 METRICS: Registry[MetricFn] = Registry("metric")
 
@@ -274,23 +345,43 @@ CELL_METRICS = (
     "simaou_random_uniform_raw",
 )  # process ignored
 PAIR_METRICS = ("alpha", "alpha_aou", "alpha_aou_raw")  # process is a (P, Q) pair
+SCALAR_METRICS = ("accuracy", "rec2ftp")  # per-example values [batch]; aggregate to a float
 
 
-def compute(name: str, records: Records, process, *, seed: int = 0) -> MetricValue:
-    """Evaluate the registered metric ``name`` on one cell (unknown names get a did-you-mean)."""
+def examples(name: str, records: Records, process, *, seed: int = 0) -> PerExample:
+    """The registered metric ``name`` on one cell, per example (unknown names: did-you-mean)."""
     return METRICS.get(name)(records, process, seed=seed)
 
 
+def compute(name: str, records: Records, process, *, seed: int = 0) -> MetricValue:
+    """The registered metric ``name`` on one cell, aggregated: a per-layer curve [layer], or a
+    float for accuracy (a fraction) and Rec2FTP (percent; NaN when P fixed no example)."""
+    value = examples(name, records, process, seed=seed).per_layer()
+    return value.item() if value.ndim == 0 else value
+
+
+def f2t(records: Records, process) -> Tensor:
+    """The F2T subset of ``process`` (a setting, or a (P, Q) pair: both) -> [batch] bool."""
+    procs = (process,) if isinstance(process, str) else tuple(process)
+    return f2t_mask(records["zsl"]["pred"], records["icl"]["pred"],
+                    [records[p]["pred"] for p in procs], records["zsl"]["gold"])
+
+
 @METRICS.register("accuracy")
-def _accuracy(recs: Records, process: str, *, seed: int = 0) -> float:
-    return accuracy(recs[process]["pred"], recs[process]["gold"])
+def _accuracy(recs: Records, process: str, *, seed: int = 0) -> PerExample:
+    pred, gold = torch.as_tensor(recs[process]["pred"]), torch.as_tensor(recs[process]["gold"])
+    if pred.shape != gold.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and gold {tuple(gold.shape)} differ in shape")
+    return PerExample((pred == gold).double())  # [batch] 0/1
 
 
 @METRICS.register("rec2ftp")
-def _rec2ftp(recs: Records, process: str, *, seed: int = 0) -> float:
-    return rec2ftp(
-        recs["zsl"]["pred"], recs["icl"]["pred"], recs[process]["pred"], recs[process]["gold"]
-    )
+def _rec2ftp(recs: Records, process: str, *, seed: int = 0) -> PerExample:
+    # the weighted mean of 100 · "ICL right" over the examples P fixed is rec2ftp()
+    gold = torch.as_tensor(recs[process]["gold"])
+    fixed = (torch.as_tensor(recs["zsl"]["pred"]) != gold) & (torch.as_tensor(recs[process]["pred"]) == gold)
+    icl_right = (torch.as_tensor(recs["icl"]["pred"]) == gold).double()
+    return PerExample(100.0 * icl_right, fixed.double())  # [batch], weight [batch]
 
 
 def _aou(recs: Records, setting: str) -> Tensor:
@@ -302,21 +393,20 @@ def _logits(recs: Records, setting: str) -> Tensor:
 
 
 @METRICS.register("simaou_norm")
-def _simaou_norm(recs: Records, process: str, *, seed: int = 0) -> Tensor:
-    return per_layer(simaou(_aou(recs, "icl"), _aou(recs, "zsl"), _aou(recs, process), True))
+def _simaou_norm(recs: Records, process: str, *, seed: int = 0) -> PerExample:
+    return PerExample(simaou(_aou(recs, "icl"), _aou(recs, "zsl"), _aou(recs, process), True))
 
 
 @METRICS.register("simaou_raw")
-def _simaou_raw(recs: Records, process: str, *, seed: int = 0) -> Tensor:
-    return per_layer(simaou(_aou(recs, "icl"), _aou(recs, "zsl"), _aou(recs, process), False))
+def _simaou_raw(recs: Records, process: str, *, seed: int = 0) -> PerExample:
+    return PerExample(simaou(_aou(recs, "icl"), _aou(recs, "zsl"), _aou(recs, process), False))
 
 
 def _random(kind: str, normalize: bool) -> MetricFn:
-    def fn(recs: Records, process=None, *, seed: int = 0) -> Tensor:
-        x = simaou_random(
+    def fn(recs: Records, process=None, *, seed: int = 0) -> PerExample:
+        return PerExample(simaou_random(
             _aou(recs, "icl"), _aou(recs, "zsl"), seed=seed, kind=kind, normalize=normalize
-        )
-        return per_layer(x)
+        ))
 
     return fn
 
@@ -328,35 +418,33 @@ METRICS.add("simaou_random_uniform_raw", _random("uniform", False))
 
 
 @METRICS.register("simam_before")
-def _simam_before(recs: Records, process=None, *, seed: int = 0) -> Tensor:
-    return per_layer(simam(_logits(recs, "icl"), _logits(recs, "zsl")))
+def _simam_before(recs: Records, process=None, *, seed: int = 0) -> PerExample:
+    return PerExample(simam(_logits(recs, "icl"), _logits(recs, "zsl")))
 
 
 @METRICS.register("simam")
-def _simam(recs: Records, process: str, *, seed: int = 0) -> Tensor:
-    return per_layer(simam(_logits(recs, "icl"), _logits(recs, process)))
+def _simam(recs: Records, process: str, *, seed: int = 0) -> PerExample:
+    return PerExample(simam(_logits(recs, "icl"), _logits(recs, process)))
 
 
 @METRICS.register("simam_delta")
-def _simam_delta(recs: Records, process: str, *, seed: int = 0) -> Tensor:
-    return per_layer(
-        simam_delta(_logits(recs, "icl"), _logits(recs, "zsl"), _logits(recs, process))
-    )
+def _simam_delta(recs: Records, process: str, *, seed: int = 0) -> PerExample:
+    return PerExample(simam_delta(_logits(recs, "icl"), _logits(recs, "zsl"), _logits(recs, process)))
 
 
 @METRICS.register("alpha")
-def _alpha(recs: Records, process: tuple[str, str], *, seed: int = 0) -> Tensor:
+def _alpha(recs: Records, process: tuple[str, str], *, seed: int = 0) -> PerExample:
     p, q = process
-    return per_layer(alpha(_logits(recs, p), _logits(recs, q), _logits(recs, "zsl")))
+    return PerExample(alpha(_logits(recs, p), _logits(recs, q), _logits(recs, "zsl")))
 
 
 @METRICS.register("alpha_aou")
-def _alpha_aou(recs: Records, process: tuple[str, str], *, seed: int = 0) -> Tensor:
+def _alpha_aou(recs: Records, process: tuple[str, str], *, seed: int = 0) -> PerExample:
     p, q = process
-    return per_layer(alpha_aou(_aou(recs, p), _aou(recs, q), _aou(recs, "zsl"), True))
+    return PerExample(alpha_aou(_aou(recs, p), _aou(recs, q), _aou(recs, "zsl"), True))
 
 
 @METRICS.register("alpha_aou_raw")
-def _alpha_aou_raw(recs: Records, process: tuple[str, str], *, seed: int = 0) -> Tensor:
+def _alpha_aou_raw(recs: Records, process: tuple[str, str], *, seed: int = 0) -> PerExample:
     p, q = process
-    return per_layer(alpha_aou(_aou(recs, p), _aou(recs, q), _aou(recs, "zsl"), False))
+    return PerExample(alpha_aou(_aou(recs, p), _aou(recs, q), _aou(recs, "zsl"), False))

@@ -204,13 +204,16 @@ def model_identity(model: PreTrainedModel, *, name: str, source: str, sha256: st
     }
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, revision: str | None = None) -> None:
     """Check, without loading anything, that `name` can be a model (UnknownNameError or IclgdError
     saying what to do otherwise): an alias whose package is installed, an existing local folder or
     .gguf file, or something the Hub may know. A near miss of an alias is refused at once."""
     if not isinstance(name, str) or not name.strip():
         raise IclgdError("--model is empty; give an alias (iclgd models), a folder, a .gguf file or a Hub id")
     path = Path(name).expanduser()
+    if revision is not None and (name in MODEL_ALIASES or path.exists() or path.suffix == ".gguf"):
+        raise IclgdError(f"--revision {revision!r} pins a Hub model; {name!r} is a local model or an alias "
+                         "(drop --revision)")
     if name in MODEL_ALIASES:
         MODEL_CHECKS.get(name)()
     elif path.suffix == ".gguf":
@@ -281,7 +284,7 @@ def _one_line(err: BaseException) -> str:
 
 def load_model(
     name: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,
-    revision: str | None = None,
+    revision: str | None = None, progress: bool = True,
 ) -> LoadedModel:
     """Load `name`: an embedded alias (`MODEL_ALIASES`), a local model folder, a `.gguf` file,
     or a Hugging Face Hub id, tried in that order. The model is in eval mode, on `device` ("cpu",
@@ -291,6 +294,20 @@ def load_model(
 (a Hub branch, tag or commit) pins a Hub model; it is stored in the model identity."""
     if dtype not in DTYPES:
         raise unknown_name("dtype", dtype, list(DTYPES))
+    if progress:
+        return _load(name, device, dtype, cache_dir, revision)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    try:
+        return _load(name, device, dtype, cache_dir, revision)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load(name: str, device: str, dtype: str, cache_dir, revision) -> LoadedModel:
     torch_dtype = DTYPES[dtype]
     # "auto": accelerate spreads a model too large for one device over every GPU, then CPU RAM
     placement = {"device_map": "auto"} if device == "auto" else {}
@@ -320,8 +337,6 @@ def load_model(
     if not placement:
         model = model.to(device=device, dtype=torch_dtype)
     model = model.eval().requires_grad_(False)
-    if revision and not source.startswith("hub:"):
-        raise IclgdError(f"--revision {revision!r} pins a Hub model; {name!r} is {source}")
     identity = model_identity(model, name=name, source=source, sha256=sha)
     identity["revision"] = revision
     identity["commit"] = getattr(model.config, "_commit_hash", None)

@@ -51,6 +51,7 @@ CLIP_MODES = ("global_l2", "layer_l2", "value", "match_gd")
 COMMON_OPTIONS = ("lr", "params", "batch", "full_batch", "clip")
 LR_SOURCES = ("search", "reference")
 RECORD_AT = ("last", "label")
+TOKENIZATIONS = ("piecewise", "natural")  # iclgd.prompts
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("auto", "hub", "local")
 CONTROLS = ("untrained", "untrained-partial")  # SPEC §7: re-initialized models (iclgd.controls)
@@ -78,6 +79,7 @@ class RunConfig:
     eval_cap: int | None = None
     separator: str | None = None
     record_at: str | None = None
+    icl_tokenization: str | None = None  # "piecewise" or "natural"; None = the protocol's
     label_switch: bool = False
     lr: float | None = None  # one learning rate for every process (else the protocol's rule)
     lr_source: str | None = None  # "search" or "reference"; None = the protocol's choice
@@ -331,12 +333,14 @@ class CellPlan:
     record_at: str
     label_switch: bool
     settings: tuple[SettingPlan, ...]  # in run order: dependencies first
+    icl_tokenization: str = "piecewise"
     control: str | None = None  # None, or a re-initialized control model (CONTROLS)
     data_dir: str | None = None
     data_source: str = "auto"
     compute: Compute = field(default_factory=Compute)
     out: Path | None = None
     overwrite: bool = False
+    n_eval: int | None = None  # eval examples the data gives (<= eval_cap), once the data is checked
 
     @property
     def labels(self) -> list[str]:
@@ -354,7 +358,7 @@ class CellPlan:
             "model": asdict(self.model), "task": self.task.to_dict(), "seed": self.seed, "k": self.k,
             "eval_cap": self.eval_cap, "protocol": self.protocol.to_dict(), "separator": self.separator,
             "record_at": self.record_at, "label_switch": self.label_switch, "dtype": self.compute.dtype,
-            "control": self.control,
+            "control": self.control, "icl_tokenization": self.icl_tokenization,
             "settings": sorted((s.to_dict() for s in self.settings), key=lambda s: s["label"]),
         }
 
@@ -387,7 +391,8 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     _check_int("batch size", cfg.batch_size, 1)
     if cfg.eval_cap is not None:
         _check_int("eval cap", cfg.eval_cap, 1)
-    for what, value, choices in (("record_at", cfg.record_at, RECORD_AT), ("lr source", cfg.lr_source, LR_SOURCES),
+    for what, value, choices in (("record_at", cfg.record_at, RECORD_AT),
+                                 ("ICL tokenization", cfg.icl_tokenization, TOKENIZATIONS),("lr source", cfg.lr_source, LR_SOURCES),
                                  ("dtype", cfg.dtype, DTYPES), ("data source", cfg.data_source, DATA_SOURCES),
                                  ("parameter group", cfg.params, PARAM_GROUPS), ("control", cfg.control, CONTROLS)):
         if value is not None and value not in choices:
@@ -400,7 +405,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
     if not separator:
         raise PlanError("the separator is empty; use e.g. '\\n\\n', '\\n' or eos")
     _check_device(cfg.device)
-    _check_model_name(cfg.model)
+    _check_model_name(cfg.model, cfg.revision)
 
     parsed = parse_settings(cfg.settings)
     settings = []
@@ -423,11 +428,12 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
         model=ModelSpec(cfg.model, cfg.revision), task=task, seed=cfg.seed, k=cfg.k, eval_cap=eval_cap,
         protocol=protocol, separator=separator, record_at=cfg.record_at or protocol.record_at,
         label_switch=cfg.label_switch, settings=tuple(settings), control=cfg.control, data_dir=cfg.data_dir,
+        icl_tokenization=cfg.icl_tokenization or protocol.icl_tokenization,
         data_source=cfg.data_source,
         compute=Compute(cfg.device, cfg.dtype, cfg.batch_size, cfg.cache_prefix, cfg.progress),
         out=None if out is None else Path(out), overwrite=overwrite)
     if check_data:
-        check_cell_data(plan)
+        plan = replace(plan, n_eval=check_cell_data(plan))
     if check_out and plan.out is not None:
         _check_out(plan)
     return plan
@@ -491,23 +497,95 @@ def _check_device(device: str) -> None:
     raise PlanError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
-def _check_model_name(name: str) -> None:
+def _check_model_name(name: str, revision: str | None) -> None:
     from iclgd.models import check_model_name
 
-    check_model_name(name)
+    check_model_name(name, revision)
 
 
-def check_cell_data(plan: CellPlan) -> None:
+def check_cell_data(plan: CellPlan) -> int:
     """Read the cell's data and check what depends on it: k against the demo pool, a non-empty
-    eval set, enough held-out rows for every learning-rate search (DataError otherwise)."""
+    eval set, enough held-out rows for every learning-rate search (DataError otherwise). Returns
+    the number of eval examples."""
     from iclgd.data import held_out, select_examples
 
-    select_examples(plan.task, plan.seed, plan.k, plan.data_dir, eval_cap=plan.eval_cap,
-                    eval_seed=plan.protocol.eval_seed, source=plan.data_source)
+    sel = select_examples(plan.task, plan.seed, plan.k, plan.data_dir, eval_cap=plan.eval_cap,
+                          eval_seed=plan.protocol.eval_seed, source=plan.data_source)
     n = max((s.lr.search_n for s in plan.settings if s.lr is not None and s.lr.source == "search"), default=0)
     if n:
         held_out(plan.task, plan.seed, plan.k, n, plan.data_dir, plan.data_source, eval_cap=plan.eval_cap,
                  eval_seed=plan.protocol.eval_seed)
+    return len(sel.eval)
+
+
+# ---------------------------------------------------------------- a sweep's cells
+
+
+def cell_dir(root: str | Path, cell: CellPlan | RunConfig) -> Path:
+    """The cell's folder: ROOT/<model stem>/<protocol>/<task stem>_s<seed>, stable across runs."""
+    model_name = cell.model.name if isinstance(cell, CellPlan) else cell.model
+    protocol = cell.protocol.name if isinstance(cell, CellPlan) else get_protocol(cell.protocol).name
+    task = cell.task.name if isinstance(cell, CellPlan) else get_task(cell.task).name
+    model = _safe_name(Path(model_name).stem if model_name.endswith(".gguf") else Path(model_name).name)
+    control = f"_{cell.control}" if cell.control else ""
+    return Path(root) / model / _safe_name(protocol) / f"{_safe_name(task)}_s{cell.seed}{control}"
+
+
+def plan_cells(
+    tasks: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    model: str = "smollm2-135m",
+    protocol: str = "default",
+    k: int = 32,
+    settings: Sequence[str] | str = ("zsl", "icl"),
+    eval_cap: int | None = None,
+    data_dir: str | None = None,
+    *,
+    root: str | Path | None = None,
+    check_data: bool = True,
+    controls: Sequence[str] = (),
+    control_seeds: Sequence[int] | None = None,
+    **run_options,
+) -> list[CellPlan]:
+    """One resolved CellPlan per (task, seed), tasks in the order given, each followed by its
+    untrained controls (`controls`, SPEC §7) for the seeds in `control_seeds` (default: every
+    seed); with `root`, each cell's folder is set (`cell_dir`).
+
+    `seeds` None takes each task's reference seeds (`Task.seeds`); a protocol with
+    `seeds == "first"` (dai2023) keeps only the first. Explicit seeds apply to every task.
+    `run_options` are further RunConfig fields (device, dtype, batch_size, lr, ...).
+    """
+    proto = get_protocol(protocol)
+    if isinstance(settings, str):
+        settings = split_settings(settings)
+    if not tasks:
+        raise PlanError("no tasks given; e.g. --tasks sst2,cb")
+    cells = []
+    for name in tasks:
+        task = get_task(name)
+        task_seeds = list(seeds) if seeds is not None else list(task.seeds)
+        if seeds is None and proto.seeds == "first":
+            task_seeds = task_seeds[:1]
+        if not task_seeds:
+            raise PlanError(f"task {task.name!r} has no reference seeds; pass --seeds")
+        for s in task_seeds:
+            with_controls = control_seeds is None or s in control_seeds
+            for control in (None, *(controls if with_controls else ())):
+                cfg = RunConfig(model=model, task=task, seed=s, k=k, settings=tuple(settings), protocol=proto,
+                                eval_cap=eval_cap, data_dir=data_dir, control=control, **run_options)
+                out = cell_dir(root, cfg) if root is not None else None
+                cells.append(resolve_cell(cfg, out=out, check_data=check_data, check_out=False))
+    dirs = [c.out for c in cells if c.out is not None]
+    dupes = sorted({str(d) for d in dirs if dirs.count(d) > 1})
+    if dupes:
+        raise PlanError(f"several cells share a folder (same model, protocol, task, seed): {dupes}")
+    return cells
+
+
+def _safe_name(text: str) -> str:
+    from iclgd.runfolder import safe_name
+
+    return safe_name(text)
 
 
 # ---------------------------------------------------------------- a command's plan
@@ -539,9 +617,10 @@ class Plan:
             lines.append(f"plugins: {', '.join(self.plugins)}")
         for c in self.cells:
             rev = f"@{c.model.revision}" if c.model.revision else ""
-            lines.append(f"- {c.model.name}{rev} · {c.task.name} · seed {c.seed} · k {c.k} · eval cap "
-                         f"{c.eval_cap} · protocol {c.protocol.name} · separator {c.separator!r} · record at "
-                         f"{c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
+            n = f"{c.n_eval} eval examples (cap {c.eval_cap})" if c.n_eval is not None else f"eval cap {c.eval_cap}"
+            ctrl = f" ({c.control} control)" if c.control else ""
+            lines.append(f"- {c.model.name}{rev}{ctrl} · {c.task.name} · seed {c.seed} · k {c.k} · {n} · protocol {c.protocol.name} · separator {c.separator!r} ({c.icl_tokenization}) · "
+                         f"record at {c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
                          f"{c.compute.dtype}" + (f" -> {c.out}" if c.out is not None and self.command == "reproduce"
                                                   else ""))
             for s in c.settings:
@@ -562,7 +641,7 @@ class Plan:
 def estimate_cell(c: CellPlan) -> dict:
     """Sequences through the model for one cell: each eval query, each training step's
     demonstrations (a full-batch step counts k), each search candidate's training and scoring."""
-    n, k = c.eval_cap, c.k
+    n, k = c.n_eval if c.n_eval is not None else c.eval_cap, c.k
     forward = backward = steps = 0
     for s in c.settings:
         if s.name == "zsl":

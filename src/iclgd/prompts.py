@@ -1,16 +1,31 @@
 """Formatting demonstrations and queries, and turning them into token ids for a model.
 
-Tokenization choice: every piece (BOS, each demonstration, the separator, each query, each
-label word) is tokenized on its own and the pieces are concatenated as ids. Tokenizing the
-joined text instead lets BPE merge across piece boundaries, so the query's tokens would
-differ between ZSL, ICL and the processes, and the position read for the prediction would
-shift. With separate pieces the query is the same ids in every setting; the cost is a prompt
-that can differ by a token or two at the boundaries from what tokenizing the joined string
-gives.
+The start token (SPEC §3). Every sequence the model sees (a ZSL or process query, the ICL prompt,
+each training demonstration, the held-out search prompts) begins with one start token, so that
+position 0, where models put their attention sink, holds the same kind of token in every setting.
+Which token (`start_token`), in order:
+1. the family's own rule in its `arch.ArchSpec` (XGLM / fairseq-dense: the tokenizer's `bos_token`,
+   fairseq's `<s>`, which the reference code put at position 0);
+2. the token the tokenizer itself prepends (Llama and Mistral `<s>`, Gemma `<bos>`, OPT `</s>`);
+3. `<|endoftext|>` if the vocabulary has it: the document separator that GPT-2-style byte-level
+   BPE models (GPT-2, GPT-Neo, Pythia, Qwen2, SmolLM2) were pretrained with. On SmolLM2-135M it
+   takes 0.42 of the last position's attention (mean over layers and heads, 20 SST-2 queries), as
+   the first query token does (0.45) when there is no start token, against 0.25 for
+   `<|im_start|>`, the BOS its instruct tokenizer declares;
+4. the tokenizer's `bos_token`, else its `eos_token`; a tokenizer with none is an error.
+The start token is never a recorded key (recording starts after the prefix) and never a loss
+target (the loss predicts tokens 1..n of a sequence).
 
-A demonstration is the ids of its query text followed by the ids of ``" " + label word``,
-so the token a process trains on after the ``:`` is exactly the label token the prediction
-reads (SPEC §2).
+Tokenization of the ICL prompt (`tokenization`). "piecewise": every piece (each demonstration,
+the separator, each query, each label word) is tokenized on its own and the ids concatenated.
+"natural": the ICL prefix is tokenized as the text the model would read, demonstrations and
+separators joined, so a separator such as "\n\n" becomes the tokens it becomes in running text
+(one token alone, two before a word in GPT-2-style BPE). In both, the query keeps its own ids
+in every setting (checked: natural tokenization of prefix + query must end in the query's ids,
+else PromptError), so recorded vectors align across ZSL, ICL and the processes. A demonstration
+is the ids of its query text followed by the ids of ``" " + label word``, so the token a process
+trains on after the ``:`` is exactly the label token the prediction reads (SPEC §2); natural
+tokenization must agree (checked).
 """
 
 from __future__ import annotations
@@ -23,6 +38,8 @@ from iclgd.errors import PromptError
 from iclgd.tasks import Task
 
 _EOS_NAMES = ("eos", "<eos>")
+TOKENIZATIONS = ("piecewise", "natural")
+DOC_SEPARATOR = "<|endoftext|>"
 
 
 def format_query(task: Task, ex: Example) -> str:
@@ -83,9 +100,34 @@ def uses_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
+    return prepended_token(tokenizer) == bos
+
+
+def prepended_token(tokenizer) -> int | None:
+    """The token the tokenizer puts before every text when special tokens are on, if any."""
     with_special = list(tokenizer("a")["input_ids"])
     plain = _encode(tokenizer, "a")
-    return len(with_special) > len(plain) and with_special[0] == bos
+    if len(with_special) > len(plain) and with_special[-len(plain):] == plain:
+        return with_special[0]
+    return None
+
+
+def start_token(tokenizer, family_rule: str | None = None) -> tuple[int, str]:
+    """The start token's id and the rule that chose it (module docstring)."""
+    if family_rule == "bos" and tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id, "the family's rule: the tokenizer's bos_token"
+    first = prepended_token(tokenizer)
+    if first is not None:
+        return first, "the token the tokenizer prepends"
+    vocab = tokenizer.get_vocab()
+    if DOC_SEPARATOR in vocab:
+        return vocab[DOC_SEPARATOR], f"{DOC_SEPARATOR}, the pretraining document separator"
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id, "the tokenizer's bos_token"
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id, "the tokenizer's eos_token (it has no bos_token)"
+    raise PromptError("the tokenizer has no BOS, no EOS and no <|endoftext|> token to start sequences with "
+                      "(SPEC §3); add one to the tokenizer")
 
 
 def separator_ids(tokenizer, separator: str) -> list[int]:
@@ -107,22 +149,26 @@ def separator_ids(tokenizer, separator: str) -> list[int]:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Token ids for one run: BOS, demonstrations, separator, queries, label tokens."""
+    """Token ids for one run: the start token (`bos`), demonstrations, separator, queries, label
+    tokens, and the ICL prefix for every number of demonstrations (`prefixes[n]`)."""
 
-    bos: tuple[int, ...]
+    bos: tuple[int, ...]  # the start token (module docstring), before every sequence
     demos: tuple[tuple[int, ...], ...]
     separator: tuple[int, ...]
     queries: tuple[tuple[int, ...], ...]
     label_ids: tuple[int, ...]
+    prefixes: tuple[tuple[int, ...], ...] = ()  # [n] -> start + d1 + sep + ... + dn + sep
+    tokenization: str = "piecewise"
 
     def icl_prefix(self, n_demos: int | None = None) -> list[int]:
-        """bos + d1 + sep + ... + dn + sep, the part of an ICL prompt before the query.
-
-        ``n_demos`` None means all demonstrations; 0 gives just the BOS (ZSL).
-        """
+        """start + d1 + sep + ... + dn + sep, the part of an ICL prompt before the query, as the
+        run's tokenization gives it. ``n_demos`` None means all demonstrations; 0 gives just the
+        start token (ZSL)."""
         n = len(self.demos) if n_demos is None else n_demos
         if not 0 <= n <= len(self.demos):
             raise ValueError(f"n_demos={n} outside 0..{len(self.demos)}")
+        if self.prefixes:
+            return list(self.prefixes[n])
         out = list(self.bos)
         for d in self.demos[:n]:
             out += d
@@ -141,12 +187,17 @@ def build_prompts(
     *,
     separator: str = "\n",
     demo_labels: Sequence[int] | None = None,
+    start: int | None = None,
+    tokenization: str = "piecewise",
 ) -> Prompts:
     """Token ids of the selection's demonstrations and queries (see the module docstring).
 
     ``demo_labels`` are the labels the demonstrations carry (after label switching);
-    default their gold labels. Each distinct text is tokenized once.
+    default their gold labels. ``start`` is the start token's id (default: `start_token`'s
+    choice). Each distinct text is tokenized once.
     """
+    if tokenization not in TOKENIZATIONS:
+        raise PromptError(f"unknown ICL tokenization {tokenization!r}; use one of {', '.join(TOKENIZATIONS)}")
     labels = [d.label for d in selection.demos] if demo_labels is None else list(demo_labels)
     if len(labels) != len(selection.demos):
         raise PromptError(f"{len(labels)} demo labels given for {len(selection.demos)} demos")
@@ -158,14 +209,53 @@ def build_prompts(
     ids = _encode_many(tokenizer, [*demo_q, *eval_q, *words])
     label_ids = _first_tokens(tokenizer, task, ids)
     demos = tuple(ids[q] + ids[words[y]] for q, y in zip(demo_q, labels))
-    bos = (tokenizer.bos_token_id,) if uses_bos(tokenizer) else ()
-    return Prompts(
-        bos=bos,
-        demos=demos,
-        separator=tuple(separator_ids(tokenizer, separator)),
-        queries=tuple(ids[q] for q in eval_q),
-        label_ids=tuple(label_ids),
-    )
+    bos = (start_token(tokenizer)[0] if start is None else start,)
+    sep = tuple(separator_ids(tokenizer, separator))
+    queries = tuple(ids[q] for q in eval_q)
+    if tokenization == "natural" and separator not in _EOS_NAMES:
+        demo_texts = [f"{q} {task.label_words[y]}" for q, y in zip(demo_q, labels)]
+        prefixes = _natural_prefixes(tokenizer, bos, demo_texts, demos, separator, eval_q, queries)
+    else:  # piecewise; with an EOS separator the two are the same (it is a token, not text)
+        prefixes = [bos]
+        for d in demos:
+            prefixes.append(prefixes[-1] + d + sep)
+    return Prompts(bos=bos, demos=demos, separator=sep, queries=queries, label_ids=tuple(label_ids),
+                   prefixes=tuple(prefixes), tokenization=tokenization)
+
+
+def _natural_prefixes(tokenizer, bos, demo_texts, demos, separator, eval_q, queries) -> list[tuple[int, ...]]:
+    """The ICL prefix for every n, tokenized as running text before a query (module docstring).
+
+    Each prefix is read off the tokenization of prefix text + a query: the query's own ids must
+    close it, for every eval query (else the query would change between settings)."""
+    for text, ids in zip(demo_texts, demos):
+        if tuple(_encode(tokenizer, text)) != ids:
+            raise PromptError(f"natural tokenization of the demonstration {text[:60]!r}... differs from its "
+                              "query ids followed by the label word's: the trained label token would move; "
+                              "use the piecewise tokenization")
+    texts = [""]
+    for t in demo_texts:
+        texts.append(texts[-1] + t + separator)
+    probe = eval_q[0] if eval_q else "x"
+    prefixes = []
+    for n, text in enumerate(texts):
+        if n == 0:
+            prefixes.append(bos)
+            continue
+        full = _encode(tokenizer, text + probe)
+        q_ids = _encode(tokenizer, probe)
+        if full[len(full) - len(q_ids):] != q_ids:
+            raise PromptError("natural tokenization merges the last separator into the query's first token; "
+                              "use the piecewise tokenization or another separator")
+        prefixes.append(bos + tuple(full[: len(full) - len(q_ids)]))
+    # the query closes the whole prefix the same way for every eval query
+    whole = texts[-1]
+    fulls = tokenizer([whole + q for q in eval_q], add_special_tokens=False)["input_ids"]
+    for q_text, q_ids, full in zip(eval_q, queries, fulls):
+        if tuple(full[len(full) - len(q_ids):]) != q_ids or tuple(full[: len(full) - len(q_ids)]) != prefixes[-1][1:]:
+            raise PromptError(f"natural tokenization of the ICL prompt changes the query {q_text[:60]!r}...; use "
+                              "the piecewise tokenization")
+    return prefixes
 
 
 def check_fits(
@@ -203,16 +293,14 @@ def demos_that_fit(prompts: Prompts, max_length: int, extra: int = 0) -> int:
     PromptError when even the query alone does not fit.
     """
     longest = max((len(q) for q in prompts.queries), default=0)
-    length = len(prompts.bos)
-    if length + longest + extra > max_length:
+    if len(prompts.bos) + longest + extra > max_length:
         raise PromptError(
-            f"the longest query ({longest} tokens + {len(prompts.bos)} BOS + extra {extra}) "
+            f"the longest query ({longest} tokens + {len(prompts.bos)} start token + extra {extra}) "
             f"exceeds the limit {max_length} even with no demonstrations"
         )
     n = 0
-    for d in prompts.demos:
-        length += len(d) + len(prompts.separator)
-        if length + longest + extra > max_length:
+    for m in range(1, len(prompts.demos) + 1):
+        if len(prompts.icl_prefix(m)) + longest + extra > max_length:
             break
-        n += 1
+        n = m
     return n

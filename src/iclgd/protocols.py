@@ -21,6 +21,7 @@ class Protocol:
     # both embedded models x 3 seeds on a held-out train slice (bench/README.md has the numbers).
     separator: str = "\n\n"
     record_at: str = "last"  # "last": the query's last token; "label": an appended label token
+    icl_tokenization: str = "piecewise"  # how the ICL prefix is tokenized (iclgd.prompts)
     icl_truncation: str = "error"  # "error": never drop demonstrations; "drop": keep what fits (ICL only)
     lr_source: str = "search"  # "search": held-out search per process; "reference": the task's reference lr
     # The learning-rate search (iclgd.lrsearch; issue 14). Every candidate costs close to a full

@@ -6,8 +6,9 @@ Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly 
 pyplot, so drawing a report neither changes the caller's backend (a notebook's inline one) nor
 leaks global figure state.
 
-Inputs are ``report.TaskAgg`` objects: per task, ``curves[(table, column)] = (mean [layer],
-sd [layer])`` across seeds, ``values[(table, column)]`` headline Stats, and
+Inputs are ``report.TaskAgg`` objects: per task (and model: trained or a control),
+``curves[(table, column)] = (mean [layer], sd [layer])`` across seeds, ``values[(table, column)]``
+headline Stats with their t intervals, ``cells`` (each entry's bootstrap interval) and
 ``grad_norms[setting]`` [layer, step] averaged over seeds.
 """
 
@@ -46,7 +47,9 @@ def _figure(
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=110)
+    # no "Software" chunk (it names the matplotlib version) and no time stamp: a report rebuilt
+    # from the same runs has the same bytes
+    fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
     return path
 
 
@@ -175,6 +178,76 @@ def accuracy_bars(tasks: list[TaskAgg], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# Panels of the interval figure: (title, table, [(column, legend label)]).
+INTERVAL_PANELS = (
+    ("accuracy (%)", "accuracy", [("zsl", "ZSL"), ("icl", "ICL"), (GD, "GD"), (LCGD, "LCGD")]),
+    ("SimAOU (norm)", "simaou", [(f"{GD} (norm)", "GD"), (f"{LCGD} (norm)", "LCGD"),
+                                 ("random gaussian (norm)", "random")]),
+    ("SimAM", "simam", [("before", "before"), (GD, "GD"), (LCGD, "LCGD")]),
+    ("SimAM_Δ", "simam_delta", [(GD, "GD"), (LCGD, "LCGD")]),
+)
+HATCHES = ("", "//", "..", "xx")
+
+
+def _interval(t: TaskAgg | None, key) -> tuple[float, float, float, bool]:
+    """(value, low, high, bootstrap) of a task row: its t interval across seeds, or with one seed
+    the cell's paired bootstrap interval over eval examples (bootstrap True)."""
+    st = None if t is None else t.values.get(key)
+    if st is None:
+        return math.nan, math.nan, math.nan, False
+    if len(t.cells) != 1:
+        return st.mean, st.low, st.high, False
+    v = t.cells[0].values[key]
+    return v.estimate, v.low, v.high, True
+
+
+def draw_intervals(tasks: list[TaskAgg], path: Path) -> Path | None:
+    """Headline metrics per task with 95% intervals, the trained model beside its untrained
+    controls (one hatch per model, one colour per setting); None if no panel has data.
+
+    Error bars: black, the t interval across seeds; grey, a task with one seed, whose interval
+    is the cell's paired bootstrap over eval examples (not comparable in kind: said in the title).
+    """
+    panels = [(title, table, [(c, lbl) for c, lbl in cols if any((table, c) in t.values for t in tasks)])
+              for title, table, cols in INTERVAL_PANELS]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    names = list(dict.fromkeys(t.task for t in tasks))
+    controls = list(dict.fromkeys(t.control for t in tasks))
+    by = {(t.task, t.control): t for t in tasks}
+    n_bars = len(names) * len(controls) * max(len(cols) for *_, cols in panels)
+    fig, axes = _figure(len(panels), ncols=2, width=max(PANEL_W, 1.0 + 0.12 * n_bars), height=PANEL_H + 0.3)
+    for ax, (title, table, cols) in zip(axes, panels, strict=True):
+        series = [(j, c, lbl, ctl) for j, (c, lbl) in enumerate(cols) for ctl in controls]
+        width = 0.8 / len(series)
+        for i, (j, col, lbl, ctl) in enumerate(series):
+            vals = [_interval(by.get((n, ctl)), (table, col)) for n in names]
+            x = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
+            mean = np.array([v[0] for v in vals])
+            ax.bar(x, mean, width, color=f"C{j}", edgecolor="black", linewidth=0.4,
+                   hatch=HATCHES[controls.index(ctl) % len(HATCHES)], label=lbl if ctl == controls[0] else None)
+            for boot, colour in ((False, "black"), (True, "grey")):
+                sel = np.array([v[3] == boot for v in vals])
+                err = np.abs([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]])
+                if sel.any():
+                    ax.errorbar(x[sel], mean[sel], yerr=np.nan_to_num(err[:, sel]), fmt="none", ecolor=colour,
+                                elinewidth=0.8, capsize=1.5)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_title(title)
+        ax.legend(fontsize="x-small")
+    if len(controls) > 1:  # which hatch is which model, once for the figure
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor="white", edgecolor="black", hatch=HATCHES[i % len(HATCHES)],
+                         label="trained" if c is None else str(c)) for i, c in enumerate(controls)]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(controls), fontsize="small")
+    fig.suptitle("Headline per task with 95% intervals: black, t across seeds; grey, one seed: paired "
+                 "bootstrap over eval examples", fontsize="medium")
+    return _save(fig, path)
+
+
 def draw_all(tasks: list[TaskAgg], fig_dir: Path, suffix: str = "") -> list[Path]:
     """Every figure the data allows for one (model, protocol) group; returns the PNGs written."""
     out = [
@@ -196,11 +269,12 @@ def draw_all(tasks: list[TaskAgg], fig_dir: Path, suffix: str = "") -> list[Path
 
 
 def html_page(provenance_md: list[str], legend: str, tables_html: str, figures: list[Path],
-              notes_md: list[str] = ()) -> str:
-    """One self-contained HTML page: provenance first, then notes (flags, skipped folders), then
-    tables, then the PNGs as base64."""
+              notes_md: list[str] = (), *, claims_html: str = "", claims_legend: str = "",
+              cells_html: str = "", cells_legend: str = "") -> str:
+    """One self-contained HTML page: provenance first, then notes (flags, skipped folders), the
+    claims, the tables, the PNGs as base64, and the per-cell tables last."""
     e = html.escape
-    notes = "".join(f"<h2>{e(line[3:])}</h2>" if line.startswith("## ") else f"<li>{e(line.lstrip('- '))}</li>"
+    notes = "".join(f"<h2>{e(line[3:])}</h2>" if line.startswith("## ") else f"<li>{e(line.lstrip('- ').replace('**', ''))}</li>"
                     for line in notes_md if line.strip())
     prov = "".join(
         f"<li style='margin-left:{len(line) - len(line.lstrip())}em'>"
@@ -219,10 +293,13 @@ def html_page(provenance_md: list[str], legend: str, tables_html: str, figures: 
         "td,th{border:1px solid #ccc;padding:3px 8px}td.num{text-align:right}"
         "img{max-width:100%}ul{list-style:none;padding-left:0}"
     )
+    claims = f"<h2>Claims (SPEC §7)</h2>\n<p>{e(claims_legend)}</p>\n{claims_html}" if claims_html else ""
+    cells = (f"<h2>Per cell: paired bootstrap 95% intervals over eval examples</h2>\n<p>{e(cells_legend)}</p>\n"
+             f"{cells_html}") if cells_html else ""
     return (
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>iclgd report</title>"
         f"<style>{style}</style></head><body>\n<h1>iclgd report</h1>\n"
-        f"<h2>Provenance</h2><ul>{prov}</ul>\n{notes}\n"
+        f"<h2>Provenance</h2><ul>{prov}</ul>\n{notes}\n{claims}"
         f"<h2>Tables</h2>\n<p>{e(legend)}</p>\n{tables_html}"
-        f"<h2>Figures</h2>\n{imgs}</body></html>\n"
+        f"<h2>Figures</h2>\n{imgs}{cells}</body></html>\n"
     )

@@ -228,6 +228,16 @@ class Run:
     def flags(self, setting: str) -> list[dict]:
         return list((self.results.get(setting) or {}).get("flags") or [])
 
+    def eval_ids(self) -> list:
+        """The eval examples' ids in record order (eval.jsonl): two runs whose records can be
+        compared example by example (a trained model and its control) have the same list."""
+        try:
+            lines = (self.path / EVAL).read_text().splitlines()
+            return [json.loads(line)["id"] for line in lines if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{self.path / EVAL} cannot be read ({type(err).__name__}: {err}); the run "
+                            "folder is damaged: delete it and run that cell again") from None
+
     def release(self) -> None:
         """Forget loaded arrays (the next access reads the file again)."""
         self._records.clear()

@@ -105,13 +105,41 @@ def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n), dtype=np.int64)
 
 
-def mean_of(values) -> Stat:
+def _indices(n: int, n_boot: int, seed: int, idx: np.ndarray | None) -> np.ndarray:
+    """The resamples: ``idx`` when given (checked against n and n_boot), else drawn from seed."""
+    if idx is None:
+        return bootstrap_indices(n, n_boot, seed)
+    if idx.shape != (n_boot, n):
+        raise ValueError(f"idx has shape {idx.shape}, expected (n_boot, n) = {(n_boot, n)}")
+    return idx
+
+
+def mean_of(values, weight=None) -> Stat:
     """Statistic "mean over examples" of ``values`` [batch, ...] -> scalar or [...] per resample.
 
     Works for both call forms: idx [n] -> [...]; idx [n_boot, n] -> [n_boot, ...] (batched).
+    ``weight`` [batch] (e.g. a 0/1 mask of the examples a metric is defined on) makes it the
+    weighted mean Σ w·x / Σ w over the resampled examples: a ratio such as Rec2FTP, or a metric
+    restricted to a subset, resampled with the whole eval set so that it stays paired with the
+    other settings. A resample with Σ w = 0 gives NaN (``paired_bootstrap`` drops and counts it).
     """
     x = _as_array(values)
-    return lambda idx: x[idx].mean(axis=np.ndim(idx) - 1)
+    if weight is None:
+        return lambda idx: x[idx].mean(axis=np.ndim(idx) - 1)
+    w = _as_array(weight)
+    if w.shape != x.shape[:1]:
+        raise ValueError(f"weight {w.shape} must be [batch] for values {x.shape}")
+    wb = w.reshape(w.shape + (1,) * (x.ndim - 1))  # [batch, 1, ...]: broadcasts against x
+    wx = np.where(wb > 0, x * wb, 0.0)  # 0 where w is 0, even where x is NaN there
+
+    def stat(idx):
+        axis = np.ndim(idx) - 1
+        den = w[idx].sum(axis=axis)
+        den = den.reshape(den.shape + (1,) * (x.ndim - 1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, wx[idx].sum(axis=axis) / np.where(den > 0, den, 1.0), np.nan)
+
+    return stat
 
 
 def _replicates(stat: Stat, idx: np.ndarray, batched: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -149,6 +177,7 @@ def paired_bootstrap(
     seed: int = 0,
     level: float = 0.95,
     batched: bool = False,
+    idx: np.ndarray | None = None,
 ) -> Interval:
     """Percentile bootstrap interval of ``stat`` over ``n`` eval examples.
 
@@ -160,8 +189,10 @@ def paired_bootstrap(
     ``n_invalid`` is a warning sign the caller should show. Array statistics (per-layer curves)
     give array fields, with drops counted per element. ``batched=True``: ``stat`` takes blocks
     of rows idx [rows, n] and returns [rows, ...] (``mean_of``); the result is the same.
+    ``idx``: the resamples already drawn (``bootstrap_indices(n, n_boot, seed)``, shape
+    [n_boot, n]), so a caller bootstrapping many statistics of one cell draws them once.
     """
-    est, reps = _replicates(stat, bootstrap_indices(n, n_boot, seed), batched)
+    est, reps = _replicates(stat, _indices(n, n_boot, seed, idx), batched)
     low, high = _percentile_interval(reps, level)
     n_invalid = (~np.isfinite(reps)).sum(axis=0)
     est, low, high, n_invalid = map(_scalar, (est, low, high, n_invalid))
@@ -199,15 +230,17 @@ def paired_difference_test(
     seed: int = 0,
     level: float = 0.95,
     batched: bool = False,
+    idx: np.ndarray | None = None,
 ) -> Test:
     """Effect stat_a − stat_b on all n examples, its paired percentile interval, and p.
 
     Both statistics are evaluated on the same resamples (one ``bootstrap_indices`` array), the
     difference is taken per resample, then the interval is as in ``paired_bootstrap`` and p is
     ``bootstrap_p`` (two-sided, H0: difference = 0). Resamples where either side is NaN/±inf
-    are dropped and counted in ``n_invalid``. Array statistics give array fields.
+    are dropped and counted in ``n_invalid``. Array statistics give array fields. ``idx``: the
+    resamples already drawn, as in ``paired_bootstrap``.
     """
-    idx = bootstrap_indices(n, n_boot, seed)
+    idx = _indices(n, n_boot, seed, idx)
     est_a, reps_a = _replicates(stat_a, idx, batched)
     est_b, reps_b = _replicates(stat_b, idx, batched)
     valid = np.isfinite(reps_a) & np.isfinite(reps_b)  # [n_boot, ...]

@@ -23,9 +23,9 @@ from pathlib import Path
 from iclgd import locks, outputs, runfolder
 from iclgd.errors import IclgdError
 from iclgd.experiment import run
-from iclgd.plan import CellPlan, Plan, PlanError, RunConfig, resolve_cell, split_settings
-from iclgd.protocols import get_protocol
-from iclgd.tasks import get_task
+from iclgd.plan import CellPlan, Plan, PlanError, cell_dir, plan_cells
+
+__all__ = ["SweepError", "cell_dir", "is_finished", "mismatch", "pending", "plan_cells", "reproduce", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -37,61 +37,6 @@ class SweepError(IclgdError):
     """Some cells failed; the others finished and their folders are kept."""
 
     exit_code = 1
-
-
-def cell_dir(root: str | Path, cell: CellPlan | RunConfig) -> Path:
-    """The cell's folder: ROOT/<model stem>/<protocol>/<task stem>_s<seed>, stable across runs."""
-    model_name = cell.model.name if isinstance(cell, CellPlan) else cell.model
-    protocol = cell.protocol.name if isinstance(cell, CellPlan) else get_protocol(cell.protocol).name
-    task = cell.task.name if isinstance(cell, CellPlan) else get_task(cell.task).name
-    model = runfolder.safe_name(Path(model_name).stem if model_name.endswith(".gguf") else Path(model_name).name)
-    return Path(root) / model / runfolder.safe_name(protocol) / f"{runfolder.safe_name(task)}_s{cell.seed}"
-
-
-def plan_cells(
-    tasks: Sequence[str],
-    seeds: Sequence[int] | None = None,
-    model: str = "smollm2-135m",
-    protocol: str = "default",
-    k: int = 32,
-    settings: Sequence[str] | str = ("zsl", "icl"),
-    eval_cap: int | None = None,
-    data_dir: str | None = None,
-    *,
-    root: str | Path | None = None,
-    check_data: bool = True,
-    **run_options,
-) -> list[CellPlan]:
-    """One resolved CellPlan per (task, seed), tasks in the order given; with `root`, each cell's
-    folder is set (`cell_dir`).
-
-    `seeds` None takes each task's reference seeds (`Task.seeds`); a protocol with
-    `seeds == "first"` (dai2023) keeps only the first. Explicit seeds apply to every task.
-    `run_options` are further RunConfig fields (device, dtype, batch_size, lr, ...).
-    """
-    proto = get_protocol(protocol)
-    if isinstance(settings, str):
-        settings = split_settings(settings)
-    if not tasks:
-        raise PlanError("no tasks given; e.g. --tasks sst2,cb")
-    cells = []
-    for name in tasks:
-        task = get_task(name)
-        task_seeds = list(seeds) if seeds is not None else list(task.seeds)
-        if seeds is None and proto.seeds == "first":
-            task_seeds = task_seeds[:1]
-        if not task_seeds:
-            raise PlanError(f"task {task.name!r} has no reference seeds; pass --seeds")
-        for s in task_seeds:
-            cfg = RunConfig(model=model, task=task, seed=s, k=k, settings=tuple(settings), protocol=proto,
-                            eval_cap=eval_cap, data_dir=data_dir, **run_options)
-            out = cell_dir(root, cfg) if root is not None else None
-            cells.append(resolve_cell(cfg, out=out, check_data=check_data, check_out=False))
-    dirs = [c.out for c in cells if c.out is not None]
-    dupes = sorted({str(d) for d in dirs if dirs.count(d) > 1})
-    if dupes:
-        raise PlanError(f"several cells share a folder (same model, protocol, task, seed): {dupes}")
-    return cells
 
 
 def _decisive_json(cell: CellPlan) -> dict:
@@ -227,7 +172,8 @@ def claimed_cells(todo: list[CellPlan], root: Path, owner: str, progress: bool):
 
 def _summary(i: int, n: int, cell: CellPlan, accuracies: dict, seconds: float, path) -> str:
     acc = "  ".join(f"{s} {a:.3f}" for s, a in accuracies.items())
-    return f"[{i}/{n}] {cell.task.name} s{cell.seed}  {acc}  ({seconds:.1f} s) -> {path}"
+    control = f" ({cell.control})" if cell.control else ""
+    return f"[{i}/{n}] {cell.task.name} s{cell.seed}{control}  {acc}  ({seconds:.1f} s) -> {path}"
 
 
 def _resolve_factory(factory: ModelFactory) -> Callable[[], object]:
@@ -254,7 +200,7 @@ def _load(cell: CellPlan, factory: ModelFactory | None):
     from iclgd.models import load_model
 
     return load_model(cell.model.name, device=cell.compute.device, dtype=cell.compute.dtype,
-                      revision=cell.model.revision)
+                      revision=cell.model.revision, progress=cell.compute.progress)
 
 
 def _run_local(todo, root, loaded, factory, progress, owner) -> list[tuple[CellPlan, Exception]]:
