@@ -252,10 +252,10 @@ class FakeSearch(Process):
         return torch.stack([self.table(float(r.delta["lr"]) / REF) for r in results])
 
 
-def _search(monkeypatch, table, grid=(1 / 3, 1.0, 3.0), extend=2):
+def _search(monkeypatch, table, grid=(1 / 3, 1.0, 3.0), extend=2, margin=1.0):
     """choose_lr on the tiny model's sst2 cell, scores from `table(multiple, gold) -> [batch, label]`
     log-probabilities on the cell's real held-out examples."""
-    proto = Protocol(name="t", lr_grid=grid, lr_search_n=8, lr_extend=extend)
+    proto = Protocol(name="t", lr_grid=grid, lr_search_n=8, lr_extend=extend, lr_extend_margin=margin)
     loaded = tiny_loaded("llama")
     plan = resolve_cell(RunConfig(task="sst2", seed=2, k=4, eval_cap=6, data_dir=str(SHARED_DATA), progress=False,
                                   settings=("gd",), protocol=proto))
@@ -317,6 +317,23 @@ def test_the_extended_grid_stops_at_its_bound(monkeypatch, direction, extend):
     assert choice.lr == pytest.approx(REF * edge * ratio**extend)
     assert choice.reason == "bound reached" and choice.extensions == extend
     assert len(choice.scores) == 3 + extend
+
+
+def test_an_edge_winner_within_noise_of_its_neighbour_is_not_extended(monkeypatch):
+    """The lowest rate wins by a hair, well inside the paired noise: no extension (the margin);
+    with margin 0 the same scores extend."""
+    patterns = ([1, -1] * 4, [1, 1, -1, -1] * 2, [1, -1, -1, 1] * 2)  # the same values, paired differently
+
+    def noisy(mult, gold):  # each step down gains 0.001 in probability; examples differ by ±0.1
+        step = round(math.log(mult, 3))  # -3 .. 1
+        signs = patterns[step % 3]
+        return _two_labels(gold, [0.65 + 0.1 * z - 0.001 * step for z in signs])
+
+    choice = _search(monkeypatch, noisy)
+    assert choice.lr == pytest.approx(REF / 3) and choice.extensions == 0
+    assert choice.reason == "at the edge, within noise of its neighbour" and len(FakeSearch.calls) == 1
+    choice = _search(monkeypatch, noisy, margin=0.0)
+    assert choice.extensions == 2 and choice.reason == "bound reached"
 
 
 def test_a_winner_inside_the_grid_is_not_extended(monkeypatch):

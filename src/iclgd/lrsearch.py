@@ -13,11 +13,17 @@ The criterion is the mean gold-label log-probability renormalized over the label
 the classification cross-entropy; `heldout_logprob`): continuous, so candidates do not tie as
 they did under held-out accuracy (issue 14: on SST-2 two of five candidates tied at 0.625 on 64
 examples and the winner sat at the grid's edge). If the winner sits at an edge of the rates
-tried, the grid extends one step past it with the grid's own ratio at that edge, at most
-`Protocol.lr_extend` times. Every candidate's score, accuracy and the standard error of its
-difference from the winner (paired over the held-out examples), the winner and why it won
-(`REASONS`) go to results.json (`LrChoice.info`). The winner's trained weights are the ones the
-cell evaluates: it is never trained a second time.
+tried and beats its inner neighbour by more than `Protocol.lr_extend_margin` standard errors of
+their difference (paired over the held-out examples), the grid extends one step past it with the
+grid's own ratio at that edge, at most `Protocol.lr_extend` times. The margin keeps the search from
+walking on noise: where finetuning barely changes the held-out log-probability (LCGD on SST-2,
+bench/README.md) each smaller rate scores a hair better and an unguarded search walks to its
+bound, toward a process that hardly moves the weights, at a full training per step.
+
+Every candidate's score, accuracy and the standard error of its difference from the winner
+(paired over the held-out examples), the winner and why it won (`REASONS`) go to results.json
+(`LrChoice.info`). The winner's trained weights are the ones the cell evaluates: it is never
+trained a second time.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ REASONS = {
     "best": "best held-out log-prob",  # the winner lies inside the rates tried (or only one was)
     "extended": "extended past the edge",  # it did after extending the grid at least once
     "bound": "bound reached",  # it sits at an edge after Protocol.lr_extend extensions
+    # it sits at an edge, but beats its inner neighbour by no more than Protocol.lr_extend_margin
+    # paired standard errors: the trend toward the edge is noise, so the grid is not extended
+    "flat": "at the edge, within noise of its neighbour",
 }
 
 
@@ -155,8 +164,16 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
 
     grid = sorted(set(rule.grid))
     run(grid)
+    def beyond_noise(winner: float, neighbour: float) -> bool:
+        w, n = trials[winner].per_example, trials[neighbour].per_example
+        if n is None:  # the neighbour diverged: the winner beats it for certain
+            return True
+        d = w - n  # [batch]
+        se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        return float(d.mean()) > plan.protocol.lr_extend_margin * se
+
     winner, reason, extensions = pick(lambda: {m: t.score for m, t in trials.items()}, grid, lambda m: run([m]),
-                                      plan.protocol.lr_extend)
+                                      plan.protocol.lr_extend, beyond_noise)
     if winner is None:
         raise IclgdError(f"{setting.label}: every learning rate of the search diverged "
                          f"({', '.join(f'{rule.lr * m:g}' for m in sorted(trials))}); lower the task's lr")
@@ -173,11 +190,13 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
 
 
 def pick(scores: Callable[[], dict[float, float]], grid: list[float], extend: Callable[[float], None],
-         max_extensions: int) -> tuple[float | None, str, int]:
+         max_extensions: int, beyond_noise: Callable[[float, float], bool] = lambda w, n: True,
+         ) -> tuple[float | None, str, int]:
     """(winning multiple, reason, extensions) over `scores()` {multiple: score}: the best score,
-    ties to the multiple closest to 1. While the winner is the lowest or highest multiple tried and
-    fewer than `max_extensions` steps were added, `extend(m)` tries m one grid step past it (the
-    grid's ratio at that edge), after which `scores()` includes it. None if every score is -inf."""
+    ties to the multiple closest to 1. While the winner is the lowest or highest multiple tried,
+    beats its inner neighbour beyond noise (`beyond_noise(winner, neighbour)`) and fewer than
+    `max_extensions` steps were added, `extend(m)` tries m one grid step past it (the grid's ratio
+    at that edge), after which `scores()` includes it. None if every score is -inf."""
     def best(s: dict[float, float]) -> float | None:
         alive = [m for m in s if s[m] > -math.inf]
         return max(alive, key=lambda m: (s[m], -abs(math.log(m)))) if alive else None
@@ -193,6 +212,9 @@ def pick(scores: Callable[[], dict[float, float]], grid: list[float], extend: Ca
             return winner, REASONS["extended" if extensions else "best"], extensions
         if extensions >= max_extensions:
             return winner, REASONS["bound"], extensions
+        neighbour = tried[-2] if winner == tried[-1] else tried[1]
+        if not beyond_noise(winner, neighbour):
+            return winner, REASONS["flat"], extensions
         ratio = grid[-1] / grid[-2] if winner == tried[-1] else grid[0] / grid[1]
         extend(winner * ratio)
         extensions += 1

@@ -35,6 +35,9 @@ class Protocol:
     lr_grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # multiples of the reference lr searched
     lr_search_n: int = 32  # held-out train examples scored per candidate lr
     lr_extend: int = 2  # at most this many grid steps past an edge where the winner sits
+    # ... and only when it beats its inner neighbour by more than this many paired standard errors
+    # (0: whenever it wins at the edge)
+    lr_extend_margin: float = 1.0
     random_baseline: str = "gaussian"  # "gaussian" (centred) or "uniform" (reference)
     eval_seed: int = 1
     eval_cap: int = 2000
