@@ -25,8 +25,8 @@ class Protocol:
     icl_truncation: str = "error"  # "error": never drop demonstrations; "drop": keep what fits (ICL only)
     lr_source: str = "search"  # "search": held-out search per process; "reference": the task's reference lr
     # The learning-rate search (iclgd.lrsearch; issue 14). Every candidate costs close to a full
-    # training even in lockstep (3 candidates: 1.5x faster than one by one for GD, 1.7x for LinGD,
-    # 1.07x for LCGD, whose exits are already wide matmuls; bench/README.md), so the grid is the
+    # training even in lockstep (3 candidates: 1.4x faster than one by one for GD, 1.6x for LinGD,
+    # 1.06x for LCGD, whose exits are already wide matmuls; bench/README.md), so the grid is the
     # fewest rates that bracket the reference: 1/3, 1, 3. The criterion is continuous (held-out
     # gold-label log-probability), so a coarse grid does not tie as accuracy did, and a winner at
     # an edge extends the grid by its ratio, at most twice (1/27 to 27 times the reference). 32
