@@ -213,3 +213,11 @@ def test_bench_repeats_report_every_run_and_the_best(tmp_path):
     assert "best of 2 repeats" in (tmp_path / "bench.md").read_text()
     with pytest.raises(IclgdError, match="repeat"):
         bench(cfg, loaded=tiny_loaded("llama"), repeat=0)
+
+
+def test_bench_without_a_search_runs_the_reference_rate_cell_only(tmp_path):
+    cfg = RunConfig(task="sst2", seed=2, k=2, eval_cap=2, data_dir=str(SHARED_DATA), progress=False,
+                    settings=("zsl", "gd"), lr_source="reference")
+    result = bench(cfg, loaded=tiny_loaded("llama"), out=tmp_path, matmul_n=64, matmul_reps=1, cache_n=2)
+    assert "search_overhead" not in result and "default" not in result
+    assert "default protocol" not in result["table"] and result["floor_ratio"] > 0
