@@ -111,6 +111,23 @@ def test_lingd_floor_exceeds_gd_and_lcgd_pays_for_exits(one_layer):
     assert lc["eval"] == gd["eval"]
 
 
+def test_search_floor_of_one_candidate_is_the_plain_floor_and_lingd_shares_its_primal(one_layer):
+    dims, tok = ModelDims.of(one_layer), _tokens(5, 3)
+    for name in ("gd", "lcgd", "lingd"):
+        proc = processes.PROCESSES.get(name)()
+        assert proc.train_flops_many(dims, 20, 1) == proc.train_flops(dims, 20)
+        assert proc.eval_flops_many(dims, tok, 1) == proc.eval_flops(dims, tok)
+        if name != "lingd":
+            assert proc.train_flops_many(dims, 20, 3) == 3 * proc.train_flops(dims, 20)
+    lin = processes.PROCESSES.get("lingd")()
+    primal = forward_flops(dims, 20, logits=20)
+    assert lin.train_flops_many(dims, 20, 3) == primal + 3 * (lin.train_flops(dims, 20) - primal)
+    searched = setting_flops(dims, tok, "gd", 3, held_out=tok)
+    plain = setting_flops(dims, tok, "gd")
+    assert searched["train"] == 3 * plain["train"] and searched["eval"] == plain["eval"]
+    assert searched["search"] == 3 * plain["eval"] and plain["search"] == 0
+
+
 def test_a_process_without_a_flop_model_says_so(one_layer):
     class NoFloor(processes.Process):
         name = "nofloor"
@@ -148,6 +165,28 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     data["machine"]["env"]["OMP_WAIT_POLICY"] = None
     assert "warning" not in markdown(data)
 
+    # the default protocol's cell: its search against the reference-rate cell, in the same run
+    d = data["default"]
+    assert data["search_overhead"] == pytest.approx(d["wall_s"] / data["wall_s"])
+    assert data["default_floor_ratio"] == pytest.approx(d["wall_s"] / d["floor_s"])
+    assert set(d["search_memory"]) == {"gd", "lcgd", "lingd"} and data["search_mem_ratio"] > 0
+    assert "search_overhead" in result["table"] and "default_floor_ratio" in result["table"]
+    dims, tok = ModelDims(**data["model_dims"]), data["tokens"]
+    for s in ("gd", "lcgd", "lingd"):
+        row, ref = d["settings"][s], data["settings"][s]
+        n = row["candidates"]
+        assert n == len(row["search"]["scores"]) >= 3 and row["search"]["held_out"] == 32
+        # the floor holds every candidate's training and held-out scoring: more than one training
+        assert row["gflop"] > ref["gflop"] and row["search_gflop"] > 0
+        one_train, train = ref["gflop"] - ref["eval_gflop"], row["gflop"] - row["search_gflop"] - row["eval_gflop"]
+        if s == "lingd":  # the candidates share the primal: less than n trainings, more than one
+            assert one_train < train < n * one_train
+        else:
+            assert train == pytest.approx(n * one_train)
+    for s in ("zsl", "icl"):  # not searched: the same work as in the reference-rate cell
+        assert d["settings"][s]["gflop"] == pytest.approx(data["settings"][s]["gflop"])
+    assert dims.n_layers == 2 and tok["k"] == 2
+
 
 def test_best_of_takes_each_settings_fastest_wall_against_the_best_peak():
     row = dict(gflop=10.0, eval_gflop=8.0, accuracy=0.5)
@@ -174,3 +213,11 @@ def test_bench_repeats_report_every_run_and_the_best(tmp_path):
     assert "best of 2 repeats" in (tmp_path / "bench.md").read_text()
     with pytest.raises(IclgdError, match="repeat"):
         bench(cfg, loaded=tiny_loaded("llama"), repeat=0)
+
+
+def test_bench_without_a_search_runs_the_reference_rate_cell_only(tmp_path):
+    cfg = RunConfig(task="sst2", seed=2, k=2, eval_cap=2, data_dir=str(SHARED_DATA), progress=False,
+                    settings=("zsl", "gd"), lr_source="reference")
+    result = bench(cfg, loaded=tiny_loaded("llama"), out=tmp_path, matmul_n=64, matmul_reps=1, cache_n=2)
+    assert "search_overhead" not in result and "default" not in result
+    assert "default protocol" not in result["table"] and result["floor_ratio"] > 0

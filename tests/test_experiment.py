@@ -88,12 +88,13 @@ def test_label_switch_changes_every_demo_label(loaded):
 
 
 def test_lr_search_uses_held_out_train_examples(loaded):
-    proto = Protocol(name="t", lr_grid=(0.1, 1.0), lr_search_n=8)
+    proto = Protocol(name="t", lr_grid=(0.1, 1.0), lr_search_n=8, lr_extend=0)
     cfg = RunConfig(settings=("gd",), protocol=proto, **{**FAST, "lr": None})
     cell = run(cfg, loaded=loaded)
     opts = cell.results["gd"]["options"]
     assert opts["lr_source"] == "search" and set(opts["lr_search"]) == {"5e-05", "0.0005"}
     assert opts["lr"] in (5e-4 * 0.1, 5e-4 * 1.0) and cell.results["gd"]["lr"] == opts["lr"]
+    assert opts["lr_search_reason"] == "bound reached"  # two rates: the winner is at an edge
 
 
 def test_settings_parsing():

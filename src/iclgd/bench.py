@@ -6,12 +6,19 @@ counts, the measured wall time of each setting (`experiment.run`) over that floo
 ICL versus full re-encoding on the same eval examples, peak memory per setting, and the eval
 passes' FLOP/s as a fraction of the peak.
 
-The learning rate is fixed (the task's reference), so no lr search runs: each process trains once.
+Two cells run on the same model, task, seed and eval examples: the reference-rate cell (every
+process at the task's reference learning rate, trained once: `floor_ratio` and the figures above)
+and, where the plan searches a process's learning rate (the default protocol), the cell as
+planned, search included: `search_overhead` is its wall over the reference-rate cell's, and
+`default_floor_ratio` its wall over the floor of the work a search must do at least once (every
+candidate's training at its lockstep floor, every candidate's held-out scoring, the winner's eval;
+`flops.setting_flops`). Each repeat runs the reference-rate cell, then the default cell.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,19 +38,26 @@ from iclgd.plan import CellPlan, LrRule, RunConfig, resolve_cell
 DEFAULT_EVAL_CAP = 64
 TARGET_FLOOR_RATIO = 2.0  # full cell within 2x its FLOP floor
 TARGET_CACHE_SPEEDUP = 10.0  # cached ICL >= 10x faster per example than re-encoding (k = 32)
+TARGET_SEARCH_OVERHEAD = 1.3  # default-protocol cell <= 1.3x the reference-rate cell (issue 14, at 872 eval)
+TARGET_SEARCH_MEM = 2.0  # a searched setting's memory above the start <= 2x the one-candidate setting's
 
 
 # ---------------------------------------------------------------- measurements
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
-    """Float32 FLOP/s of an n x n matmul on this machine, best and median of `reps` (after a warm-up)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 5, device="cpu", dtype=torch.float32) -> dict:
+    """FLOP/s of an n x n matmul on `device` in `dtype` (the model's), best and median of `reps`
+    (after a warm-up); on a GPU each product is timed to its completion."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
+    sync()
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         rates.append(2 * n**3 / (time.perf_counter() - t0))
     return {"best": max(rates), "median": statistics.median(rates), "n": n, "reps": reps}
 
@@ -98,18 +112,29 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
         raise IclgdError(f"bench: repeat must be >= 1, got {repeat}")
     if out is not None:
         outputs.check_out(Path(out), "bench", overwrite)
-    cfg = reference_rate(resolve_cell(cfg))
+    planned = resolve_cell(cfg)
+    cfg = reference_rate(planned)
+    searched = [s for s in planned.settings if s.process and s.lr.source == "search"]
     loaded = loaded or load_model(cfg.model.name, device=cfg.compute.device, dtype=cfg.compute.dtype,
                                   revision=cfg.model.revision)
-    matmul_peak(matmul_n, 1)  # warm-up
+    first = next(loaded.model.parameters())
+    probe_on = {"device": first.device, "dtype": first.dtype}
+    matmul_peak(matmul_n, 1, **probe_on)  # warm-up
     dims = ModelDims.of(loaded.model)
     prep = prepare(cfg, loaded)
     prompts, gold, n_icl, extra = prep.prompts, prep.gold, prep.n_icl, prep.extra
     tokens = CellTokens(query_lens=tuple(len(q) + extra for q in prompts.queries), bos=len(prompts.bos),
                         icl_prefix=len(prompts.icl_prefix(n_icl)),
                         train_lens=tuple(len(prompts.training_sequence(i)) for i in range(len(prompts.demos))))
+    held = {s.label: _held_out_tokens(planned, loaded, s.lr.search_n, prompts.bos[0]) for s in searched}
+    trim_memory()
     rss_before, load_before = _rss_mb(), _loadavg()
-    runs = [_timed_cell(cfg, loaded, dims, tokens, matmul_n, matmul_reps) for _ in range(repeat)]
+    gpu_before = torch.cuda.memory_allocated() / 2**20 if first.device.type == "cuda" else None
+    runs, default_runs = [], []
+    for _ in range(repeat):  # alternated, so that the host's drift hits both cells alike
+        runs.append(_timed_cell(cfg, loaded, dims, tokens, matmul_n, matmul_reps, probe_on=probe_on))
+        if searched:
+            default_runs.append(_timed_cell(planned, loaded, dims, tokens, matmul_n, matmul_reps, held, probe_on))
     rows = runs[0][0] if repeat == 1 else best_of([r[0] for r in runs])
     probes = [(i, setting, p) for i, (_, run_probes, _) in enumerate(runs) for setting, p in run_probes]
 
@@ -151,15 +176,21 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
                 "dtype": cfg.compute.dtype, "device": cfg.compute.device},
         "machine": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "rss_before_run_mb": rss_before,
+                    "torch": torch.__version__, "rss_before_run_mb": rss_before, "gpu_allocated_before_run_mb": gpu_before,
+                    "gpu": torch.cuda.get_device_name(first.device) if gpu_before is not None else None,
                     "loadavg_1min_before_after": [load_before, _loadavg()],
                     # OpenMP's default active spin-wait collapses when the cores are oversubscribed
                     "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}},
-        "targets": {"floor_ratio_max": TARGET_FLOOR_RATIO, "cache_speedup_min": TARGET_CACHE_SPEEDUP},
-        "note": ("FLOP floor: useful matmul work only (module docstring of iclgd.bench); lr fixed, no "
-                 "search; peak memory is the process RSS (model included); timings are wall clock "
-                 "and noisy when other jobs share the machine."),
+        "targets": {"floor_ratio_max": TARGET_FLOOR_RATIO, "cache_speedup_min": TARGET_CACHE_SPEEDUP,
+                    "search_overhead_max": TARGET_SEARCH_OVERHEAD, "default_floor_ratio_max": TARGET_FLOOR_RATIO,
+                    "search_mem_ratio_max": TARGET_SEARCH_MEM},
+        "note": ("FLOP floor: useful matmul work only (module docstring of iclgd.bench); floor_ratio is the "
+                 "reference-rate cell (each process trained once), default_* the cell with its learning-rate "
+                 "search; peak memory is the process RSS (model included; freed heap returned to the system "
+                 "before each setting); timings are wall clock and noisy when other jobs share the machine."),
     }
+    if searched:
+        result.update(_default_cell(default_runs, searched, rows, rss_before, gpu_before))
     table = markdown(result)
     if out is not None:
         out = Path(out)
@@ -172,15 +203,45 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
     return result
 
 
+def _held_out_tokens(plan: CellPlan, loaded, n: int, start: int) -> CellTokens:
+    """The token counts of a search's held-out prompts (scored as ZSL scores its queries)."""
+    from iclgd.lrsearch import held_out_prompts
+
+    held, _ = held_out_prompts(plan, loaded.tokenizer, n, start)
+    return CellTokens(query_lens=tuple(len(q) for q in held.queries), bos=len(held.bos), icl_prefix=0, train_lens=())
+
+
+def trim_memory() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim), so that each setting's peak
+    resident memory is its own rather than what earlier settings left cached in the heap."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: peaks may include earlier settings' freed memory
+        pass
+
+
 def _timed_cell(cfg: CellPlan, loaded, dims: ModelDims, tokens: CellTokens, matmul_n: int,
-                matmul_reps: int) -> tuple[dict, list, object]:
-    """One timed run of the cell: (rows per setting, matmul probes, the run's CellResult)."""
+                matmul_reps: int, held: dict[str, CellTokens] | None = None,
+                probe_on: dict | None = None) -> tuple[dict, list, object]:
+    """One timed run of the cell: (rows per setting, matmul probes, the run's CellResult). `held`
+    gives each searched setting's held-out token counts (its floor then includes the search);
+    `probe_on` the device and dtype of the matmul probes (the model's)."""
     # The peak is probed before every setting and after the last: on a shared host it drifts by
     # tens of percent within minutes, so each setting's floor uses the better of its two probes.
     probes: list[tuple[str, dict]] = []
+    probe_on = probe_on or {}
+    cuda = torch.device(probe_on.get("device", "cpu")).type == "cuda"
+    gpu_peaks: list[float] = []  # the GPU's peak allocated memory (MB) of each setting
 
     def probe(setting: str) -> None:
-        probes.append((setting, matmul_peak(matmul_n, matmul_reps)))
+        if cuda:  # read before this probe's own allocations: the previous setting's peak
+            if probes:
+                gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
+        trim_memory()
+        probes.append((setting, matmul_peak(matmul_n, matmul_reps, **probe_on)))
 
     cell = run(cfg, loaded=loaded, before_setting=probe)
     probe("end")
@@ -189,16 +250,65 @@ def _timed_cell(cfg: CellPlan, loaded, dims: ModelDims, tokens: CellTokens, matm
         raise IclgdError("bench: the token counts differ from the run's records (prompt code changed?)")
 
     rows = {}
+    held = held or {}
     for i, (setting, res) in enumerate(cell.results.items()):
-        fl = setting_flops(dims, tokens, cfg.setting(setting).name)
+        n = searched_candidates(res) if setting in held else 1
+        fl = setting_flops(dims, tokens, cfg.setting(setting).name, n, held.get(setting))
         wall, eval_s = res["wall_s"], res["eval_s"]
         peak = max(probes[i][1]["best"], probes[i + 1][1]["best"])  # the probes around this setting
-        floor = (fl["train"] + fl["eval"]) / peak
+        total = fl["train"] + fl["eval"] + fl["search"]
+        floor = total / peak
         rows[setting] = {"wall_s": wall, "floor_s": floor, "floor_ratio": wall / floor, "matmul_flops": peak,
-                         "gflop": (fl["train"] + fl["eval"]) / 1e9, "eval_gflop": fl["eval"] / 1e9,
+                         "gflop": total / 1e9, "eval_gflop": fl["eval"] / 1e9,
                          "train_s": wall - eval_s, "eval_s": eval_s, "peak_mem_mb": res["peak_mem_mb"],
                          "accuracy": res["accuracy"]}
+        if gpu_peaks:
+            rows[setting]["gpu_peak_mem_mb"] = gpu_peaks[i]
+        if setting in held:
+            opts = res["options"]
+            rows[setting].update(
+                search_gflop=fl["search"] / 1e9, candidates=n, lr=res["lr"],
+                search={"scores": opts.get("lr_search"), "accuracy": opts.get("lr_search_accuracy"),
+                        "reason": opts.get("lr_search_reason"), "extensions": opts.get("lr_search_extensions"),
+                        "held_out": opts.get("lr_search_n")})
     return rows, probes, cell
+
+
+def searched_candidates(res: dict) -> int:
+    """Candidates a search trained in full and scored: those with a held-out accuracy (a
+    candidate stopped by a non-finite value has none; counting none of its work keeps the floor
+    a floor)."""
+    return sum(1 for a in res["options"].get("lr_search_accuracy", {}).values() if math.isfinite(a))
+
+
+def _default_cell(runs: list, searched: list, ref_rows: dict, rss_before: float, gpu_before: float | None) -> dict:
+    """bench.json's figures for the cell with its learning-rate search, against the reference-rate
+    cell's rows (each setting's fastest run with --repeat, as for the reference-rate cell)."""
+    rows = runs[0][0] if len(runs) == 1 else best_of([r[0] for r in runs])
+    wall = sum(r["wall_s"] for r in rows.values())
+    floor = sum(r["floor_s"] for r in rows.values())
+    ref_wall = sum(r["wall_s"] for r in ref_rows.values())
+    memory = {}
+    for s in searched:
+        mine, ref = rows[s.label]["peak_mem_mb"], ref_rows[s.label]["peak_mem_mb"]
+        memory[s.label] = {"search_peak_mb": mine, "reference_peak_mb": ref, "ratio": mine / ref,
+                           # what each setting added to the resident level before the cells ran
+                           "ratio_above_start": (mine - rss_before) / max(ref - rss_before, 1.0)}
+        if "gpu_peak_mem_mb" in rows[s.label]:  # on a GPU, its allocated memory is the one that counts
+            mine, ref = rows[s.label]["gpu_peak_mem_mb"], ref_rows[s.label]["gpu_peak_mem_mb"]
+            memory[s.label].update(gpu_search_peak_mb=mine, gpu_reference_peak_mb=ref,
+                                   gpu_ratio_above_start=(mine - gpu_before) / max(ref - gpu_before, 1.0))
+    key = "gpu_ratio_above_start" if gpu_before is not None else "ratio_above_start"
+    return {
+        "search_overhead": wall / ref_wall,
+        "default_floor_ratio": wall / floor,
+        "search_mem_ratio": max(m[key] for m in memory.values()),
+        "default": {"wall_s": wall, "floor_s": floor, "floor_ratio": wall / floor, "settings": rows,
+                    "search_memory": memory, "repeats": [_run_summary(r[0]) for r in runs],
+                    "matmul_probes": [{"repeat": i, "before": st, "best": p["best"], "median": p["median"]}
+                                      for i, (_, probes, _) in enumerate(runs) for st, p in probes],
+                    "protocol": searched[0].lr.describe()},
+    }
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -273,8 +383,43 @@ def markdown(r: dict) -> str:
         f"- eval passes: {r['eval_flops_fraction'] * 100:.1f}% of the matmul peak",
         f"- note: {r['note']}",
     ]
+    if "default" in r:
+        lines += _default_markdown(r)
     lines += [f"- warning: {w}" for w in environment_warnings(r["machine"])]
     return "\n".join(lines) + "\n"
+
+
+def _default_markdown(r: dict) -> list[str]:
+    d, ref = r["default"], r["settings"]
+    lines = ["", f"## The default protocol's cell (learning-rate search: {d['protocol']})", "",
+             "| setting | candidates | lr | why | GFLOP | floor s | wall s | wall/floor | reference-rate wall s | "
+             "peak MB | reference-rate peak MB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s, x in d["settings"].items():
+        search = x.get("search")
+        head = f"| {s} | {x['candidates']} | {x['lr']:.3g} | {search['reason']} | " if search else f"| {s} | | | | "
+        lines.append(head + f"{x['gflop']:.4g} | {x['floor_s']:.3g} | {x['wall_s']:.1f} | {x['floor_ratio']:.2f} | "
+                            f"{ref[s]['wall_s']:.1f} | {x['peak_mem_mb']:.0f} | {ref[s]['peak_mem_mb']:.0f} |")
+    lines.append(f"| **cell** | | | | {sum(x['gflop'] for x in d['settings'].values()):.4g} | {d['floor_s']:.1f} | "
+                 f"{d['wall_s']:.1f} | **{d['floor_ratio']:.2f}** | {r['wall_s']:.1f} | | |")
+    ok = "meets" if r["search_overhead"] <= TARGET_SEARCH_OVERHEAD else "misses"
+    ok_f = "meets" if r["default_floor_ratio"] <= TARGET_FLOOR_RATIO else "misses"
+    ok_m = "meets" if r["search_mem_ratio"] <= TARGET_SEARCH_MEM else "misses"
+    mem = ", ".join(f"{s} {m['ratio_above_start']:.2f}" for s, m in d["search_memory"].items())
+    lines += [
+        "",
+        f"- search_overhead (default cell wall / reference-rate cell wall): {r['search_overhead']:.2f} ({ok} the "
+        f"<= {TARGET_SEARCH_OVERHEAD:g}x target, set for 872 eval examples)",
+        f"- default_floor_ratio (default cell wall / the floor of its work, search included): "
+        f"{r['default_floor_ratio']:.2f} ({ok_f} the <= {TARGET_FLOOR_RATIO:g}x target)",
+        f"- memory of a searched setting above the level before the cells, over its one-candidate run's: {mem} "
+        f"({ok_m} the <= {TARGET_SEARCH_MEM:g}x target)",
+    ]
+    for s, x in d["settings"].items():
+        if x.get("search"):
+            scores = ", ".join(f"{lr} {v:.4f}" for lr, v in (x["search"]["scores"] or {}).items())
+            lines.append(f"- {s}: held-out log-prob per lr ({x['search']['held_out']} examples): {scores}")
+    return lines
 
 
 def environment_warnings(machine: dict) -> list[str]:

@@ -42,7 +42,17 @@ def _tangent(x) -> torch.Tensor | None:
 
 
 class _ConstantOperands(TorchFunctionMode):
-    """Dual × constant products without the zero tangent of the constant (module docstring)."""
+    """Dual × constant products without the zero tangent of the constant (module docstring).
+
+    `batched`: the tangents carry a candidate dimension under `torch._vmap_internals._vmap`
+    (`first_order_many`), whose batching rules cover `mm`, `mul` and `add` but not `linear`,
+    `matmul` or `addcmul`, which it would run once per candidate: the tangent's product with a
+    frozen weight is then one `mm` over every candidate's rows, and the product rule plain
+    multiplies and an add."""
+
+    def __init__(self, batched: bool = False):
+        super().__init__()
+        self.batched = batched
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,7 +61,11 @@ class _ConstantOperands(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             dx = _tangent(x)
             if dx is not None and _tangent(w) is None and _tangent(b) is None:
-                return fwad.make_dual(F.linear(fwad.unpack_dual(x).primal, w, b), F.linear(dx, w))
+                if self.batched:  # [..., in] -> [rows, in] @ [in, out] -> [..., out]
+                    dy = torch.mm(dx.reshape(-1, dx.shape[-1]), w.t()).view(*dx.shape[:-1], w.shape[0])
+                else:
+                    dy = F.linear(dx, w)
+                return fwad.make_dual(F.linear(fwad.unpack_dual(x).primal, w, b), dy)
         elif func in _MULS and len(args) == 2 and not kwargs:
             a, b = args
             da, db = _tangent(a), _tangent(b)
@@ -60,12 +74,13 @@ class _ConstantOperands(TorchFunctionMode):
                 return fwad.make_dual(fwad.unpack_dual(x).primal * c, dx * c)
             if da is not None and db is not None:  # ȧ·b + a·ḃ in two passes instead of three
                 ap, bp = fwad.unpack_dual(a).primal, fwad.unpack_dual(b).primal
-                return fwad.make_dual(ap * bp, torch.addcmul(da * bp, ap, db))
+                tangent = da * bp + ap * db if self.batched else torch.addcmul(da * bp, ap, db)
+                return fwad.make_dual(ap * bp, tangent)
         elif func in _POWS and len(args) == 2 and not kwargs and _is_number(args[1]) and args[1] == 2:
             dx = _tangent(args[0])
             if dx is not None:  # d(x²) = 2·x·ẋ; the factor 2 is exact, so this equals PyTorch's rule
                 xp = fwad.unpack_dual(args[0]).primal
-                return fwad.make_dual(xp.pow(2), (xp * dx).mul_(2))
+                return fwad.make_dual(xp.pow(2), (xp * dx) * 2 if self.batched else (xp * dx).mul_(2))
         elif func in _SCALAR_OPS and len(args) == 2 and not kwargs and _is_number(args[1]):
             x, c = args
             dx = _tangent(x)
@@ -103,3 +118,38 @@ def first_order(
             p, t = fwad.unpack_dual(v)
             primal[k], tangent[k] = p, (torch.zeros_like(p) if t is None else t)
     return primal, tangent
+
+
+def first_order_many(
+    fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    theta0: dict[str, torch.Tensor],
+    deltas: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fn(θ0), J_fn(θ0)·Δ_c for every c) with the directions stacked: deltas {name: [cand, ...]}.
+
+    The primal is computed once, unbatched (it keeps its autograd graph to θ0 as in
+    `first_order`); only the tangents carry the candidate dimension, so every product with a
+    frozen weight is one matmul over all candidates' rows. The batching is
+    `torch._vmap_internals._vmap`, the vmap behind `torch.autograd.grad(is_grads_batched=True)`
+    and torch.autograd.functional's forward-mode jacobian: it carries batched tangents through
+    forward AD, where torch.func.vmap has no batching rule for `make_dual` (torch 2.13). Tangents
+    equal `first_order` per candidate to rounding (tests/test_lrsearch.py). Returns
+    (primal {key: [...]}, tangents {key: [cand, ...]}).
+    """
+    from torch._vmap_internals import _vmap
+
+    primal: dict[str, torch.Tensor] = {}
+    names = list(theta0)
+
+    def tangents(*delta: torch.Tensor) -> tuple[torch.Tensor, ...]:  # this vmap maps tensors and tuples only
+        with fwad.dual_level(), _ConstantOperands(batched=True):
+            out = fn({n: fwad.make_dual(theta0[n], d) for n, d in zip(names, delta)})
+            tangent = []
+            for k, v in out.items():
+                p, t = fwad.unpack_dual(v)
+                primal[k] = p  # unbatched: the primal never sees the candidate dimension
+                tangent.append(torch.zeros_like(p) if t is None else t)
+        return tuple(tangent)
+
+    batched = _vmap(tangents)(*(deltas[n] for n in names))
+    return primal, dict(zip(primal, batched))

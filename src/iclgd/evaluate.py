@@ -188,6 +188,66 @@ def evaluate(
     return _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
 
 
+def label_logprobs_many(
+    model,
+    queries: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    *,
+    prefix: Sequence[int] = (),
+    params: dict[str, torch.Tensor] | None = None,
+    linearize: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    batch_size: int = 16,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """Label log-probabilities [cand, batch, label] of each query after `prefix` (re-encoded with
+    every query, as for ZSL and the processes) under several candidates' parameters at once.
+
+    `params` {name: [cand, ...]} holds each candidate's parameters (a process at θ0 + Δ_c);
+    `linearize=(θ0, Δ)` with Δ {name: [cand, ...]} the first-order model of each Δ_c (LinGD), whose
+    primal f(θ0) is computed once for all candidates (`dual.first_order_many`). The candidates run
+    as one batched computation (torch.func.vmap over the parameters): every frozen matmul sees
+    cand × batch × pos rows. Attention is the explicit math (`Plan.math`; SDPA has no vmap
+    batching rule on CPU), so values equal `evaluate`'s label_logprobs per candidate to rounding
+    (tests/test_lrsearch.py). Non-finite values are returned as they are: the caller decides
+    (a learning-rate search scores such a candidate -inf).
+    """
+    from torch.func import vmap
+
+    from iclgd.dual import first_order_many
+
+    if (params is None) == (linearize is None):
+        raise IclgdError("label_logprobs_many needs exactly one of params and linearize")
+    if len(queries) == 0:
+        raise IclgdError("no queries to score")
+    use_iclgd_attention(model)
+    label_ids_t = torch.tensor(list(label_ids), dtype=torch.long)
+    head = list(prefix)
+    order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))  # similar lengths share a batch
+    out: torch.Tensor | None = None
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, mask = pad_right([head + list(queries[i]) for i in idx], pad_id)
+        own_len = torch.tensor([len(queries[i]) for i in idx])
+        plan = Plan(own_start=torch.full((len(idx),), len(head)), own_len=own_len, pred_pos=len(head) + own_len - 1,
+                    math=True)
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+
+        def logits_of(p, input_ids=input_ids, mask=mask, plan=plan):
+            return {"logits": run_captured(model, p, input_ids, mask, plan)["logits"]}  # [batch, vocab]
+
+        with torch.no_grad():
+            if linearize is None:
+                logits = vmap(logits_of)(params)["logits"]  # [cand, batch, vocab]
+            else:
+                primal, tangent = first_order_many(logits_of, *linearize)
+                logits = primal["logits"] + tangent["logits"]
+        lp = torch.log_softmax(logits.float(), dim=-1)[..., label_ids_t.to(logits.device)].cpu()  # [cand, batch, label]
+        if out is None:
+            out = torch.empty(lp.shape[0], len(queries), lp.shape[-1])
+        out[:, idx] = lp
+    return out
+
+
 @contextlib.contextmanager
 def _batch_cache(model, past, batch: int):
     """The prefix cache as a batch of queries sees it: shared without copies where the model's

@@ -78,14 +78,27 @@ def query_flops(d: ModelDims, tok: CellTokens) -> int:
     return sum(forward_flops(d, tok.bos + q) for q in tok.query_lens)
 
 
-def setting_flops(d: ModelDims, tok: CellTokens, name: str) -> dict[str, int]:
-    """{"train": FLOPs, "eval": FLOPs} floor of one setting: "zsl", "icl" or a process name."""
+def setting_flops(d: ModelDims, tok: CellTokens, name: str, candidates: int = 1,
+                  held_out: CellTokens | None = None) -> dict[str, int]:
+    """{"train", "eval", "search"} FLOP floor of one setting: "zsl", "icl" or a process name.
+
+    With a learning-rate search (`candidates` > 1 or `held_out` given), "train" is every
+    candidate's training on the demonstrations at its lockstep floor (`Process.train_flops_many`:
+    work the candidates share, as LinGD's primal, counted once), "search" the scoring of every
+    candidate on the held-out prompts (`Process.eval_flops_many`), and "eval" the winner's eval as
+    without a search: the work a search must do at least once (the winner is never retrained)."""
     if name == "zsl":
-        return {"train": 0, "eval": query_flops(d, tok)}
+        return {"train": 0, "eval": query_flops(d, tok), "search": 0}
     if name == "icl":
         p = tok.icl_prefix
-        return {"train": 0, "eval": forward_flops(d, p) + sum(forward_flops(d, q, p) for q in tok.query_lens)}
+        return {"train": 0, "eval": forward_flops(d, p) + sum(forward_flops(d, q, p) for q in tok.query_lens),
+                "search": 0}
     from iclgd.processes import PROCESSES
 
     proc = PROCESSES.get(name)()
-    return {"train": sum(proc.train_flops(d, s) for s in tok.train_lens), "eval": proc.eval_flops(d, tok)}
+    if candidates == 1 and held_out is None:
+        train = sum(proc.train_flops(d, s) for s in tok.train_lens)
+    else:
+        train = sum(proc.train_flops_many(d, s, candidates) for s in tok.train_lens)
+    search = 0 if held_out is None else proc.eval_flops_many(d, held_out, candidates)
+    return {"train": train, "eval": proc.eval_flops(d, tok), "search": search}

@@ -29,8 +29,20 @@ class Protocol:
     icl_tokenization: str = "natural"
     icl_truncation: str = "error"  # "error": never drop demonstrations; "drop": keep what fits (ICL only)
     lr_source: str = "search"  # "search": held-out search per process; "reference": the task's reference lr
-    lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # multiples of the reference lr searched
-    lr_search_n: int = 64  # held-out train examples scored per candidate lr
+    # The learning-rate search (iclgd.lrsearch; issue 14). Every candidate costs close to a full
+    # training even in lockstep (3 candidates: 1.4x faster than one by one for GD, 1.6x for LinGD,
+    # 1.06x for LCGD, whose exits are already wide matmuls; bench/README.md), so the grid is the
+    # fewest rates that bracket the reference: 1/3, 1, 3. The criterion is continuous (held-out
+    # gold-label log-probability), so a coarse grid does not tie as accuracy did, and a winner at
+    # an edge extends the grid by its ratio, at most twice (1/27 to 27 times the reference). 32
+    # held-out examples: scoring all three is 96 query passes, ~1/9 of an 872-example eval; the candidates
+    # are compared on the same examples (paired), which keeps their differences' noise low.
+    lr_grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # multiples of the reference lr searched
+    lr_search_n: int = 32  # held-out train examples scored per candidate lr
+    lr_extend: int = 2  # at most this many grid steps past an edge where the winner sits
+    # ... and only when it beats its inner neighbour by more than this many paired standard errors
+    # (0: whenever it wins at the edge)
+    lr_extend_margin: float = 1.0
     random_baseline: str = "gaussian"  # "gaussian" (centred) or "uniform" (reference)
     eval_seed: int = 1
     eval_cap: int = 2000

@@ -168,6 +168,57 @@ class Process:
         loss_after = float(self.grads(ctx, params, batches[0])[0])
         return TrainResult(delta, norms, losses, loss_after)
 
+    def grads_many(self, ctx: TrainContext, params: dict[str, torch.Tensor], batch: list[torch.Tensor]):
+        """`grads` for several candidates at once: params {name: [cand, ...]} -> (loss [cand],
+        {name: [cand, ...]}), row c equal to `grads` at candidate c's parameters. Optional: a
+        process that defines it trains a learning-rate search's candidates in lockstep
+        (iclgd.processes.lockstep); without it they train one by one."""
+        raise NotImplementedError
+
+    def train_many(self, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainResult | IclgdError]:
+        """Train one candidate per learning rate from θ0 (ctx.config's other options): each entry
+        is the candidate's TrainResult or the IclgdError that stopped it. In lockstep where the
+        process supports it (`lockstep.supported`), else (and for a single rate, which gains
+        nothing from batching) one `train` after another."""
+        from iclgd.processes import lockstep
+
+        if len(lrs) > 1 and lockstep.supported(type(self)):
+            return lockstep.train(self, ctx, lrs)
+        out: list[TrainResult | IclgdError] = []
+        for lr in lrs:
+            one = replace(ctx, config=ctx.config.with_(lr=lr))
+            try:
+                out.append(self.train(one))
+            except IclgdError as err:
+                out.append(err)
+        return out
+
+    def score_many(self, ctx: TrainContext, results: Sequence[TrainResult], queries, label_ids, *,
+                   prefix=(), batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
+        """Label log-probabilities [cand, batch, label] of the queries (as `evaluate` records them)
+        under each trained candidate. Batched over the candidates (`label_logprobs_many`) unless
+        `evaluate` is overridden below the class that batches, then one `evaluate` per candidate."""
+        from iclgd.processes import lockstep
+
+        if lockstep.batched_below(type(self), "label_logprobs_many", ("evaluate",)):
+            return self.label_logprobs_many(ctx, results, queries, label_ids, prefix=prefix,
+                                            batch_size=batch_size, pad_id=pad_id)
+        from iclgd.evaluate import EvalOptions
+
+        opts = EvalOptions(batch_size=batch_size, progress=False)
+        gold = [0] * len(queries)  # scoring reads the log-probabilities only
+        return torch.stack([self.evaluate(ctx, r, queries, gold, label_ids, prefix=prefix, options=opts,
+                                          pad_id=pad_id).label_logprobs for r in results])
+
+    def label_logprobs_many(self, ctx: TrainContext, results: Sequence[TrainResult], queries, label_ids, *,
+                            prefix=(), batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
+        """The batched `score_many` for processes evaluated at θ0 + Δ (as `Process.evaluate`)."""
+        from iclgd.evaluate import label_logprobs_many
+
+        stacked = {n: torch.stack([ctx.theta0[n] + r.delta[n] for r in results]) for n in ctx.theta0}
+        return label_logprobs_many(ctx.model, queries, label_ids, prefix=prefix, params=stacked,
+                                   batch_size=batch_size, pad_id=pad_id)
+
     def evaluate(self, ctx: TrainContext, result: TrainResult, queries, gold, label_ids, *,
                  prefix=(), options: EvalOptions | None = None, pad_id: int = 0) -> Record:
         """Run the query prompts alone with the trained parameters (SPEC §1)."""
@@ -188,6 +239,15 @@ class Process:
         from iclgd.flops import query_flops
 
         return query_flops(dims, tokens)
+
+    def train_flops_many(self, dims: ModelDims, seq_len: int, n: int) -> int:
+        """The floor of training n candidates on one sequence in lockstep: by default n times
+        `train_flops` (a process whose candidates share work, as LinGD's primal, says so)."""
+        return n * self.train_flops(dims, seq_len)
+
+    def eval_flops_many(self, dims: ModelDims, tokens: CellTokens, n: int) -> int:
+        """The floor of scoring n candidates on the queries: by default n times `eval_flops`."""
+        return n * self.eval_flops(dims, tokens)
 
 
 def layer_norms(grads: dict[str, torch.Tensor], layer_of: dict[str, int], n_layers: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from iclgd import arch
 from iclgd.errors import IclgdError
@@ -82,7 +82,7 @@ EXIT_CHUNK_BYTES = 192 * 2**20
 
 
 class _ExitCrossEntropy(torch.autograd.Function):
-    """Σ_rows cross-entropy(x·Wᵀ + b, target) for a frozen head W, b, differentiable in x only.
+    """Per-row cross-entropy(x·Wᵀ + b, target) [rows] for a frozen head W, b, differentiable in x only.
 
     The logits buffer becomes the softmax in place (one exp per entry) and is kept as the
     gradient buffer, where `F.cross_entropy` keeps logits, log-probabilities, a zero-filled
@@ -107,22 +107,22 @@ class _ExitCrossEntropy(torch.autograd.Function):
         probs.div_(total)
         ctx.save_for_backward(probs, weight, targets)
         ctx.consumed = False
-        return (top + total.log() - picked).sum()
+        return (top + total.log() - picked)[:, 0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # grad [rows]
         if ctx.consumed:
             raise IclgdError("the LCGD exit loss can be back-propagated once (its buffer is reused)")
         ctx.consumed = True
         probs, weight, targets = ctx.saved_tensors
         probs[torch.arange(len(targets), device=probs.device), targets] -= 1  # softmax - one-hot
-        return probs.mul_(grad) @ weight, None, None, None, None
+        return probs.mul_(grad[:, None]) @ weight, None, None, None, None
 
 
-def exit_loss(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor], targets: torch.Tensor,
-              softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_rows cross-entropy of the frozen `head` (with `params`) at x [rows, d_model]. The fused
+def exit_loss_rows(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor], targets: torch.Tensor,
+                   softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy [rows] of the frozen `head` (with `params`) at x [rows, d_model]. The fused
     loss runs for a float32 linear head without soft-capping (reusing `out` as its buffer if
     given); otherwise `F.cross_entropy`."""
     if isinstance(head, nn.Linear) and softcap is None and x.dtype == torch.float32:
@@ -130,7 +130,13 @@ def exit_loss(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor],
     logits = functional_call(head, params, (x,))
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def exit_loss(x: torch.Tensor, head: nn.Module, params: dict[str, torch.Tensor], targets: torch.Tensor,
+              softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_rows cross-entropy of the frozen `head` at x [rows, d_model] (`exit_loss_rows`, summed)."""
+    return exit_loss_rows(x, head, params, targets, softcap, out).sum()
 
 
 @register_process("lcgd")
@@ -174,11 +180,69 @@ class LCGD(Process):
                 del part
         return loss, grads
 
+    def grads_many(self, ctx: TrainContext, params, batch):
+        """`grads` for every candidate at once (iclgd.processes.lockstep): params {name: [cand, ...]}.
+
+        The blocks run under vmap and return every layer's exit hidden state; the exits' loss runs
+        outside vmap, on all candidates' rows at once (the fused cross-entropy has no batching
+        rule, and its groups fill the same buffer as one candidate's). Each group's gradient is
+        taken with respect to its exit states only, and one backward carries them all through
+        the blocks: each block's input is detached, so that is each exit's own backward, as in
+        `grads`."""
+        from iclgd.capture import math_mode
+
+        model = ctx.model
+        exit = ctx.config.options.get("exit", "block")
+        norm, head = arch.final_norm(model), arch.unembed(model)
+        frozen = _frozen_exit_params(model, params)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        names = list(params)
+        n_cand = params[names[0]].shape[0]
+        grads = {n: torch.zeros_like(params[n]) for n in names}
+        loss = torch.zeros(n_cand)
+        for ids in batch:
+            def exits_of(p, ids=ids):  # one candidate: [layer, pos, d_model]
+                with layer_causal(model, exit) as exits:
+                    functional_call(model, p, (ids[None],), {"use_cache": False, "logits_to_keep": NO_LOGITS},
+                                    strict=False)
+                return torch.cat(exits, dim=0)
+
+            with math_mode(model):  # SDPA has no vmap batching rule on CPU
+                h = vmap(exits_of)(params)[:, :, :-1]  # [cand, layer, pos - 1, d_model]; the last predicts nothing
+            n_layers, n_pos = h.shape[1], h.shape[2]
+            flat = h.detach().flatten(0, 1)  # [cand * layer, pos - 1, d_model]
+            g_flat = torch.zeros_like(flat)
+            per_layer = n_pos * head.weight.shape[0] * head.weight.element_size()
+            step = max(1, EXIT_CHUNK_BYTES // per_layer)
+            for start in range(0, len(flat), step):
+                x_in = flat[start : start + step].detach().requires_grad_(True)  # [exits, pos - 1, d_model]
+                x = functional_call(norm, frozen["norm"], (x_in,)).flatten(0, 1)
+                rows = exit_loss_rows(x, head, frozen["head"], ids[1:].repeat(len(x_in)), softcap,
+                                      out=self._buffer(len(x), head.weight))  # [exits * (pos - 1)]
+                part = rows.sum() / n_pos / len(batch)
+                (g_flat[start : start + step],) = torch.autograd.grad(part, x_in)
+                # each exit's mean token loss, added to its candidate's
+                per_exit = rows.detach().view(len(x_in), n_pos).sum(1).float().cpu() / n_pos / len(batch)
+                cand = torch.arange(start, start + len(x_in)) // n_layers
+                loss.index_add_(0, cand, per_exit)
+                del rows, part
+            block_grads = torch.autograd.grad(h, [params[n] for n in names], g_flat.view_as(h), allow_unused=True)
+            for n, g in zip(names, block_grads):
+                if g is not None:
+                    grads[n] += g
+        return loss, grads
+
     def train(self, ctx: TrainContext) -> TrainResult:
         try:
             return super().train(ctx)
         finally:
             self._exit_buf = None  # the exit buffer lives for one training run only
+
+    def train_many(self, ctx: TrainContext, lrs):
+        try:
+            return super().train_many(ctx, lrs)
+        finally:
+            self._exit_buf = None
 
     def _buffer(self, rows: int, weight: torch.Tensor) -> torch.Tensor:
         """The exit logits buffer, kept across groups and steps and grown to the longest need."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from iclgd.dual import first_order
+from iclgd.dual import first_order, first_order_many
 from iclgd.processes.base import Process, TrainContext, TrainResult, register_process, token_loss
 from iclgd.processes.gd import lm_logits
 
@@ -40,6 +40,42 @@ class LinGD(Process):
             total = total + loss.detach()
         return total, grads
 
+    def grads_many(self, ctx: TrainContext, params, batch):
+        """`grads` for every candidate at once (iclgd.processes.lockstep): params {name: [cand, ...]}.
+
+        f(θ0) is the same for every candidate (and every step): one forward-mode pass computes it
+        once with the candidates' tangents J·Δ_c batched (`dual.first_order_many`), and Jᵀg_c for
+        all c is one batched backward through that one primal (`is_grads_batched`)."""
+        from iclgd.capture import math_mode
+
+        model, theta0 = ctx.model, ctx.theta0
+        deltas = {n: (params[n] - theta0[n]).detach() for n in params}  # [cand, ...]
+        names = list(theta0)
+        n_cand = deltas[names[0]].shape[0]
+        total = torch.zeros(n_cand)
+        grads = {n: torch.zeros_like(params[n]) for n in names}
+        for ids in batch:
+            leaves = {n: p.detach().requires_grad_(True) for n, p in theta0.items()}
+            with math_mode(model):
+                f0, jd = first_order_many(lambda p, ids=ids: {"logits": lm_logits(model, p, ids)}, leaves, deltas)
+            lin = (f0["logits"] + jd["logits"]).detach().requires_grad_(True)  # [cand, pos, vocab]
+            loss = torch.stack([token_loss(lin[c], ids) for c in range(n_cand)]) / len(batch)  # [cand]
+            (g_out,) = torch.autograd.grad(loss.sum(), lin)  # [cand, pos, vocab]: row c is candidate c's
+            batched = torch.autograd.grad(f0["logits"], [leaves[n] for n in names], g_out, is_grads_batched=True)
+            for n, g in zip(names, batched):
+                grads[n] += g
+            total = total + loss.detach().float().cpu()
+        return total, grads
+
+    def label_logprobs_many(self, ctx: TrainContext, results, queries, label_ids, *, prefix=(), batch_size=16,
+                            pad_id=0):
+        """Every candidate's linearized label log-probabilities, f(θ0) computed once."""
+        from iclgd.evaluate import label_logprobs_many
+
+        deltas = {n: torch.stack([r.delta[n] for r in results]) for n in ctx.theta0}
+        return label_logprobs_many(ctx.model, queries, label_ids, prefix=prefix, linearize=(ctx.theta0, deltas),
+                                   batch_size=batch_size, pad_id=pad_id)
+
     def evaluate(self, ctx: TrainContext, result: TrainResult, queries, gold, label_ids, *,
                  prefix=(), options=None, pad_id: int = 0):
         from iclgd.evaluate import EvalOptions, evaluate
@@ -54,6 +90,18 @@ class LinGD(Process):
         from iclgd.flops import backward_flops, forward_flops
 
         return forward_flops(d, seq_len, logits=seq_len) + 2 * backward_flops(d, seq_len, logits=seq_len)
+
+    def train_flops_many(self, d, seq_len: int, n: int) -> int:
+        """n candidates share the primal f(θ0): one forward, then a tangent and a backward each."""
+        from iclgd.flops import backward_flops, forward_flops
+
+        return forward_flops(d, seq_len, logits=seq_len) + n * 2 * backward_flops(d, seq_len, logits=seq_len)
+
+    def eval_flops_many(self, d, tokens, n: int) -> int:
+        """n candidates share the primal: one query forward, then a tangent each."""
+        from iclgd.flops import backward_flops, query_flops
+
+        return query_flops(d, tokens) + n * sum(backward_flops(d, tokens.bos + q) for q in tokens.query_lens)
 
     def eval_flops(self, d, tokens) -> int:
         """The query as a jvp: primal plus tangent."""
