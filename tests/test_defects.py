@@ -206,8 +206,8 @@ def test_ctrl_c(home, tiny_dir):
     import signal
 
     argv = [sys.executable, "-m", "iclgd.cli", "reproduce", "--data-dir", D, "--quiet", "--model", str(tiny_dir),
-            "--tasks", "sst2", "--seeds", "2,3", "--k", "2", "--eval-cap", "400", "--settings", "zsl,icl",
-            "--out", "rep"]
+            "--tasks", "sst2", "--seeds", "2,3", "--k", "4", "--eval-cap", "872", "--lr-source", "reference",
+            "--settings", "zsl,icl,gd,lcgd,lingd", "--out", "rep"]  # a second cell of seconds, not 0.4 s
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the first cell is finished: interrupt the second
         if line.startswith("[1/2]"):
