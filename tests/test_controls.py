@@ -9,6 +9,7 @@ import torch
 from iclgd import arch, sweep
 from iclgd.controls import control_model, kept_parameters
 from iclgd.experiment import RunConfig, run
+from iclgd.plan import PlanError
 
 from conftest import SHARED_DATA
 from tiny import tiny_loaded
@@ -73,3 +74,14 @@ def test_sweep_runs_controls_beside_the_trained_cells(tmp_path):
     assert [(c.seed, c.control) for c in cells] == [(2, None), (2, "untrained"), (2, "untrained-partial"), (3, None)]
     assert [c.out.name for c in cells] == ["sst2_s2", "sst2_s2_untrained", "sst2_s2_untrained-partial", "sst2_s3"]
     assert len({str(c.decisive()) for c in cells}) == 4
+
+
+def test_control_seeds_first_takes_each_tasks_own_first_seed(tmp_path):
+    """Tasks have different seeds (SST-2 2-4, CB 3-5): 'first' gives every task one controlled seed."""
+    cells = sweep.plan_cells(["sst2", "cb"], None, model="tiny-llama", k=2, settings=("zsl", "icl"), eval_cap=4,
+                             data_dir=str(SHARED_DATA), lr=0.01, progress=False,
+                             controls=("untrained",), control_seeds="first")
+    assert [(c.task.name, c.seed) for c in cells if c.control] == [("sst2", 2), ("cb", 3)]
+    with pytest.raises(PlanError, match="first"):
+        sweep.plan_cells(["sst2"], None, model="tiny-llama", k=2, eval_cap=4, data_dir=str(SHARED_DATA),
+                         controls=("untrained",), control_seeds="second")

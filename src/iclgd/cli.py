@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--settings", default="zsl,icl,gd,lcgd,lingd,lcgd[clip=match_gd]", help=SETTINGS_HELP)
     rep.add_argument("--controls", action="store_true",
                      help="also run every cell on the untrained and untrained-partial controls (SPEC §7)")
-    rep.add_argument("--control-seeds", default=None, help="comma list: run the controls for these seeds only")
+    rep.add_argument("--control-seeds", default=None, help="comma list: run the controls for these seeds only; 'first': each task's first seed")
     rep.add_argument("--backend", default="local", choices=["local", "ray"])
     rep.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     rep.add_argument("--cpus-per-cell", type=int, default=1,
@@ -256,7 +256,8 @@ def _reproduce(args) -> int:
     ks = _ints("--k", args.k)
     if args.orders < 1:
         raise PlanError(f"--orders must be >= 1 (1: the original order only), got {args.orders}")
-    control_seeds = _ints("--control-seeds", args.control_seeds)
+    control_seeds = ("first" if (args.control_seeds or "").strip() == "first"
+                     else _ints("--control-seeds", args.control_seeds))
     if control_seeds is not None and not args.controls:
         raise PlanError("--control-seeds needs --controls")
     if args.cpus_per_cell < 1:

@@ -571,13 +571,13 @@ def plan_cells(
     root: str | Path | None = None,
     check_data: bool = True,
     controls: Sequence[str] = (),
-    control_seeds: Sequence[int] | None = None,
+    control_seeds: Sequence[int] | str | None = None,
     orders: int = 1,
     **run_options,
 ) -> list[CellPlan]:
     """One resolved CellPlan per (task, seed, k, order), tasks in the order given, each followed
     by its untrained controls (`controls`, SPEC §7) for the seeds in `control_seeds` (default:
-    every seed); with `root`, each cell's folder is set (`cell_dir`).
+    every seed; "first": each task's first seed, as the tasks' seeds differ); with `root`, each cell's folder is set (`cell_dir`).
 
     `k`: one k or a list (a k sweep). A k = 0 cell has no demonstrations, so it runs only the
     sweep's zsl and icl settings (ICL with k = 0 is ZSL; a process has nothing to train on).
@@ -603,6 +603,8 @@ def plan_cells(
     if isinstance(orders, bool) or not isinstance(orders, int) or orders < 1:
         raise PlanError(f"orders must be an integer >= 1 (1: the original order only), got {orders!r}")
     zero_k = _zero_k_settings(settings) if 0 in ks else ()
+    if isinstance(control_seeds, str) and control_seeds != "first":
+        raise PlanError(f"control seeds: a list of seeds or 'first' (each task's first seed), got {control_seeds!r}")
     cells = []
     for name in tasks:
         task = get_task(name)
@@ -612,7 +614,8 @@ def plan_cells(
         if not task_seeds:
             raise PlanError(f"task {task.name!r} has no reference seeds; pass --seeds")
         for s in task_seeds:
-            with_controls = control_seeds is None or s in control_seeds
+            with_controls = (control_seeds is None or (s == task_seeds[0] if control_seeds == "first"
+                                                       else s in control_seeds))
             for kk in ks:
                 for order in range(min(orders, n_orderings(kk))):
                     for control in (None, *(controls if with_controls else ())):
