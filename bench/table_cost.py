@@ -1,6 +1,6 @@
 """What the full table costs: the FLOP floor of `iclgd reproduce` over the six tasks, per device.
 
-    python bench/table_cost.py --data-dir ../shared/data [--eval-cap N] [--out bench/table_cost.json]
+    python bench/table_cost.py --data-dir ../shared/data [--eval-cap N] [--protocol dai2023] [--out FILE]
 
 For each task and seed of the reproduction (the default protocol: every process's learning-rate
 search with its grid of candidates in lockstep and its held-out scoring; the settings of
@@ -44,13 +44,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--eval-cap", type=int, default=None, help="default: each task's (the full table)")
+    ap.add_argument("--protocol", default="default", help="default, or dai2023 (the papers' setting: no search, "
+                    "the first seed of each task)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     from iclgd.models import load_model
 
     tok_model = load_model("smollm2-135m")  # its tokenizer and prompt checks; the weights are not used
-    cells = plan_cells(["sst2", "sst5", "mr", "subj", "agnews", "cb"], None, settings=SETTINGS,
+    cells = plan_cells(["sst2", "sst5", "mr", "subj", "agnews", "cb"], None, settings=SETTINGS, protocol=args.protocol,
                        eval_cap=args.eval_cap, data_dir=args.data_dir, progress=False)
     dims = {}
     for name, config in MODELS.items():
@@ -77,7 +79,7 @@ def main() -> None:
             row = per_task.setdefault(cell.task.name, {}).setdefault(name, {"cells": 0, "pflop": 0.0})
             row["cells"] += 1
             row["pflop"] += flops / 1e15
-    out = {"settings": SETTINGS, "cells": len(cells), "eval_cap": args.eval_cap or "each task's",
+    out = {"protocol": args.protocol, "settings": SETTINGS, "cells": len(cells), "eval_cap": args.eval_cap or "each task's",
            "total_pflop": {n: t / 1e15 for n, t in totals.items()}, "per_task": per_task,
            "floor_minutes": {n: {dev: t / peak / 60 for dev, peak in PEAKS.items()} for n, t in totals.items()},
            "note": "grid candidates only (each extension past an edge adds one candidate's training and scoring)"}
