@@ -352,3 +352,45 @@ def test_every_family_records_and_sliding_layers_are_left_out(family):
     else:
         assert "layers_without_values" not in entry and torch.isfinite(tau).all()
     assert not has_capture_leftovers(lm.model)
+
+
+# ---------------------------------------------------------------- into the report
+
+
+def test_reproduce_reports_the_ranking_beside_its_baselines(tmp_path, monkeypatch):
+    """The issue's command on the tiny model (k 2 and 4: its context is 512 tokens): 2 seeds, 2
+    orders, GD and LCGD at the reference rate; the summary shows Kendall τ and top-k recall at both levels beside random
+    (and shuffled), with intervals, per cell, over k, and in the claims."""
+    from iclgd import cli, sweep
+
+    monkeypatch.setattr(sweep, "_load", lambda cfg, factory: tiny_loaded("llama"))
+    argv = ["reproduce", "--model", "tiny-llama", "--tasks", "sst2", "--seeds", "2,3", "--k", "2,4", "--orders", "2",
+            "--eval-cap", "8", "--settings", "zsl,icl,gd,lcgd", "--lr-source", "reference",
+            "--data-dir", str(SHARED_DATA), "--out", str(tmp_path), "--quiet"]
+    assert cli.main(argv) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    for part in ("### Attention ranking of the demonstration tokens", "### Attention ranking of the demonstrations",
+                 "| gd: Kendall τ | gd: top-k recall |", "lcgd: Kendall τ, shuffled", "random: Kendall τ",
+                 "random: top-k recall", "Attention ranking of the demonstration tokens, ICL vs P (Dai et al.)",
+                 "in the tables 'Attention ranking", "Kendall τ, token level: GD − random",
+                 "Kendall τ, example level: LCGD − shuffled"):
+        assert part in summary, part
+    tables = tmp_path / "report" / "tables"
+    assert {"ranking_token.md", "ranking_example.csv", "ksweep_ranking_token.md"} <= {p.name for p in tables.iterdir()}
+    import csv
+
+    with (tables / "ranking_token.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["task"] == "sst2" and r["control"] == "trained"]
+    cols = {r["column"] for r in rows}
+    assert {"gd: Kendall τ", "gd: top-k recall", "lcgd: Kendall τ", "random: Kendall τ"} <= cols
+    for r in rows:  # two seeds: a t interval around each mean
+        assert int(r["n"]) == 2 and float(r["low"]) <= float(r["mean"]) <= float(r["high"]), r
+    # each cell's entry equals the mean of the records it was built from
+    run_dir = tmp_path / "runs" / "tiny-llama" / "default" / "sst2_s2_k2"
+    with np.load(run_dir / "records" / "gd.npz") as z:
+        tau = z["ranking_tau_token"]
+    with (tables / "ranking_token_cells.csv").open() as f:
+        cell_row = next(r for r in csv.DictReader(f) if (r["seed"], r["k"], r["column"], r["control"])
+                        == ("2", "2", "gd: Kendall τ", "trained"))
+    assert float(cell_row["estimate"]) == pytest.approx(float(tau.mean()), abs=1e-6)
+    assert float(cell_row["low"]) <= float(cell_row["estimate"]) <= float(cell_row["high"])
