@@ -190,6 +190,11 @@ def test_off_switch_hooks_nothing_and_changes_nothing_else(lm, cell, tmp_path):
             np.testing.assert_array_equal(v, on[k], err_msg=f"{s} {k}")
         assert sorted(k for k in on if not k.startswith(ranking_record.PREFIX)) == sorted(rec.arrays())
         assert off.results[s]["accuracy"] == cell.results[s]["accuracy"]
+    from iclgd.plan import Plan
+
+    described = [Plan("run", (resolve_cell(RunConfig(settings=("zsl", "icl", "gd"), ranking=r, **FAST)),)).describe()
+                 for r in (True, False)]
+    assert "· ranking on ·" in described[0] and "· ranking off ·" in described[1]
     config = json.loads((tmp_path / "off" / "config.json").read_text())
     assert config["decisive"]["ranking"] is False and cell.config["decisive"]["ranking"] is True
     with np.load(tmp_path / "off" / "records" / "gd.npz") as z:

@@ -161,7 +161,7 @@ def summary(res: ranking.RankingResult, lay: Layout) -> dict:
     where a layer has none), headlines (mean over the layers that have values), k, demo_tok."""
     per_layer, headline = {}, {}
     undefined_layers: set[int] = set()
-    for m, v in res.arrays().items():
+    for m in res.arrays():
         curve = res.per_layer(m).numpy()  # [layer], NaN where no example has a value
         undefined_layers |= {i for i, x in enumerate(curve) if not np.isfinite(x)}
         per_layer[m] = [float(x) if np.isfinite(x) else None for x in curve]
@@ -225,6 +225,6 @@ class CellRanking:
         if q_train.shape[1] != len(self.layout.demo_pos):
             return undefined(f"the process trained on {q_train.shape[1]} demonstration tokens, ICL's prompt "
                              f"holds {len(self.layout.demo_pos)}")
-        res = rank(self.icl, self.layout, self.seed, query=query, q_train=q_train, chunk=self.chunk)
+        res = rank(self.icl, self.layout, self.seed, query=query, q_train=q_train.cpu(), chunk=self.chunk)
         store(rec, res)
         return summary(res, self.layout)

@@ -7,7 +7,14 @@ import functools
 import torch
 from torch.func import functional_call, vmap
 
-from iclgd.processes.base import Process, TrainContext, log_queries, recording, register_process, token_loss
+from iclgd.processes.base import (
+    Process,
+    TrainContext,
+    log_queries,
+    recording,
+    register_process,
+    token_loss,
+)
 
 
 def lm_logits(model, params, ids: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,14 @@ from torch.func import functional_call, vmap
 from iclgd import arch
 from iclgd.errors import IclgdError
 from iclgd.plan import ProcessOption
-from iclgd.processes.base import Process, TrainContext, TrainResult, log_queries, recording, register_process
+from iclgd.processes.base import (
+    Process,
+    TrainContext,
+    TrainResult,
+    log_queries,
+    recording,
+    register_process,
+)
 
 EXITS = ("block", "attn")
 NO_LOGITS = torch.zeros(0, dtype=torch.long)  # `logits_to_keep` that selects no position

@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from iclgd.dual import first_order, first_order_many
-from iclgd.processes.base import Process, TrainContext, TrainResult, log_queries, recording, register_process, token_loss
+from iclgd.processes.base import (
+    Process,
+    TrainContext,
+    TrainResult,
+    log_queries,
+    recording,
+    register_process,
+    token_loss,
+)
 from iclgd.processes.gd import lm_logits
 
 
