@@ -399,3 +399,26 @@ def test_reproduce_reports_the_ranking_beside_its_baselines(tmp_path, monkeypatc
                         == ("2", "2", "gd: Kendall τ", "trained"))
     assert float(cell_row["estimate"]) == pytest.approx(float(tau.mean()), abs=1e-6)
     assert float(cell_row["low"]) <= float(cell_row["estimate"]) <= float(cell_row["high"])
+
+
+def test_ranking_cost_bench_runs_on_a_tiny_model(tmp_path):
+    """bench/ranking_cost.py end to end on a tiny model saved as a folder (the lead runs it on SmolLM2)."""
+    import importlib.util
+    from pathlib import Path
+
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    path = Path(__file__).parents[1] / "bench" / "ranking_cost.py"
+    spec = importlib.util.spec_from_file_location("ranking_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cost.json"
+    assert bench.main(["--model", str(folder), "--k", "2", "--eval-cap", "4", "--data-dir", str(SHARED_DATA),
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["ranking"] for r in result["runs"]] == [True, False]
+    assert result["compare_best"]["wall_ratio"] > 0 and set(result["runs"][0]["settings"]) == set(bench.SETTINGS.split(","))
