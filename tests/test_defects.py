@@ -202,16 +202,35 @@ def test_two_processes_registered_under_one_name(home, tiny_dir, capsys, registr
 
 
 def test_ctrl_c(home, tiny_dir):
-    """A real SIGINT while a sweep computes its second cell: one line, exit 130, the first cell kept."""
+    """A real SIGINT while a sweep computes its second cell: one line, exit 130, the first cell kept.
+
+    The second cell's training blocks (a plugin process that sleeps on the second cell's demonstrations), so the
+    signal lands inside it however fast or loaded the machine is."""
     import signal
 
+    (home / "sleepy.py").write_text(textwrap.dedent("""\
+        import time
+        from iclgd.processes import register_process
+        from iclgd.processes.gd import GD
+        seen = set()
+
+        @register_process("sleepy")
+        class Sleepy(GD):
+            def grads(self, ctx, params, batch):
+                seen.add(tuple(map(tuple, ctx.sequences)))
+                if len(seen) > 1:  # the second cell: other demonstrations
+                    time.sleep(300)
+                return super().grads(ctx, params, batch)
+        """))
     argv = [sys.executable, "-m", "iclgd.cli", "reproduce", "--data-dir", D, "--quiet", "--model", str(tiny_dir),
-            "--tasks", "sst2", "--seeds", "2,3", "--k", "4", "--eval-cap", "872", "--lr-source", "reference",
-            "--settings", "zsl,icl,gd,lcgd,lingd", "--out", "rep"]  # a second cell of seconds, not 0.4 s
+            "--tasks", "sst2", "--seeds", "2,3", "--k", "2", "--eval-cap", "4", "--plugin", "sleepy",
+            "--settings", "zsl,icl,sleepy[lr=0.01]", "--out", "rep"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the first cell is finished: interrupt the second
         if line.startswith("[1/2]"):
             break
+    else:
+        pytest.fail(f"the sweep ended before its first cell was reported: {proc.wait()} {proc.stderr.read()}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
