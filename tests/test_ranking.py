@@ -248,3 +248,23 @@ def test_accumulator_checks_shapes_and_values():
         R.RankingAccumulator(3, SPANS, seed=-1)
     with pytest.raises(UnknownNameError, match="did you mean 'tau_token'"):
         acc.result().get("tau_tokn")
+
+
+def test_parts_split_the_same_numbers():
+    """A run computes the random baselines once per cell (parts="random", ICL's scores alone) and
+    each process's comparison apart (parts="compare"): together they are the "all" numbers."""
+    icl, ft = _scores(batch=5, seed=19), _scores(batch=5, seed=20)
+    whole = R.ranking(icl, ft, SPANS, seed=6, k_token=10, k_example=3)
+    compare = R.RankingAccumulator(3, SPANS, k_token=10, k_example=3, seed=6, parts="compare")
+    random = R.RankingAccumulator(3, SPANS, k_token=10, k_example=3, seed=6, parts="random")
+    compare.add(icl, ft)
+    random.add(icl[:2])
+    random.add(icl[2:])
+    got = {**compare.result().arrays(), **random.result().arrays()}
+    assert set(got) == set(whole.arrays()) and set(random.result().arrays()) == set(R.RANDOM)
+    for m, v in whole.arrays().items():
+        np.testing.assert_array_equal(got[m].numpy(), v.numpy(), err_msg=m)
+    with pytest.raises(ValueError, match="ft_scores are needed"):
+        compare.add(icl)
+    with pytest.raises(UnknownNameError):
+        R.RankingAccumulator(3, SPANS, seed=0, parts="rand")

@@ -155,8 +155,11 @@ def test_ray_backend_matches_local(tmp_path):
     pytest.importorskip("ray")
     cells = _cells()
     local = sweep.run_sweep(cells, tmp_path / "local", loaded=tiny_llama_loaded(), progress=False)
-    # the workers import the factory from this folder; iclgd itself is installed in the venv
-    env = {"env_vars": {"PYTHONPATH": str(TESTS)}}
+    # the workers import the factory from this folder, and the iclgd this test runs (the venv's, or a
+    # checkout's on PYTHONPATH: a worker must not fall back to another copy)
+    import iclgd
+
+    env = {"env_vars": {"PYTHONPATH": f"{TESTS}:{Path(iclgd.__file__).parents[1]}"}}
     threads = torch.get_num_threads()  # bit-identical CPU results need the same thread count
     remote = sweep.run_sweep(cells, tmp_path / "ray", backend="ray", model_factory="test_sweep:tiny_llama_loaded",
                              runtime_env=env, cpus_per_cell=threads)

@@ -10,6 +10,7 @@ modeling code of transformers 5.23 (XGLM's against 5.24).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,11 @@ class ArchSpec:
     # the start token (SPEC §3; iclgd.prompts.start_token): None = the general rule, "bos" = the
     # tokenizer's bos_token (fairseq's <s>, which the reference code put at position 0)
     start_token: str | None = None
+    # the query norm of families that normalize q per head (Qwen3, Gemma-3), used where the
+    # attention module has it: q is read at its output (`query_sites`). Gemma applies it after
+    # moving heads before positions ([batch, head, pos, d_head]), Qwen3 before ([batch, pos, head, d_head])
+    q_norm: str | None = None
+    q_norm_heads_first: bool = False
 
 
 SPECS: dict[str, ArchSpec] = {
@@ -114,6 +120,7 @@ SPECS: dict[str, ArchSpec] = {
         o="o_proj",
         final_norm="model.norm",
         unembed="lm_head",
+        q_norm="q_norm",  # Qwen3 and SmolLM3 only
     ),
     "gemma3": ArchSpec(
         # Gemma-2/3 blocks: x + post_attention_layernorm(attn(input_layernorm(x)))
@@ -127,6 +134,8 @@ SPECS: dict[str, ArchSpec] = {
         final_norm="model.norm",
         unembed="lm_head",
         post_attn_norm="post_attention_layernorm",
+        q_norm="q_norm",  # Gemma-3 only
+        q_norm_heads_first=True,
     ),
     "gemma3_multimodal": ArchSpec(
         # Gemma3ForConditionalGeneration: the text stack sits under model.language_model
@@ -140,6 +149,8 @@ SPECS: dict[str, ArchSpec] = {
         final_norm="model.language_model.norm",
         unembed="lm_head",
         post_attn_norm="post_attention_layernorm",
+        q_norm="q_norm",
+        q_norm_heads_first=True,
     ),
     "xglm": ArchSpec(
         # fairseq-dense GPT, the papers' own family (KoboldAI/fairseq-dense-1.3B on the Hub), and
@@ -221,6 +232,35 @@ def post_attn_norms(model: nn.Module) -> list[nn.Module | None]:
     if spec.post_attn_norm is None:
         return [None for _ in decoder_layers(model)]
     return [_resolve(b, spec.post_attn_norm, spec, "post-attn norm") for b in decoder_layers(model)]
+
+
+def query_sites(model: nn.Module) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Per block, the module whose output holds the attention query before any rotary embedding,
+    and the function turning that output into q [batch, pos, head * d_head] (heads concatenated).
+
+    The site is the query norm where the family has one (`ArchSpec.q_norm`), else the query
+    projection; a fused qkv projection gives its q part ("blocks": the first d_model features;
+    "per_head": each head's first d_head). No scaling is applied: the attention's own scaling is
+    the caller's (iclgd.capture reads it where attention runs)."""
+    spec = arch_spec(model)
+    n_heads, _, d_head = attn_shape(model)
+    out = []
+    for attn in attention_modules(model):
+        norm = getattr(attn, spec.q_norm, None) if spec.q_norm else None
+        if isinstance(norm, nn.Module):
+            if spec.q_norm_heads_first:  # [batch, head, pos, d_head]
+                out.append((norm, lambda q: q.transpose(1, 2).flatten(2)))
+            else:  # [batch, pos, head, d_head]
+                out.append((norm, lambda q: q.flatten(2)))
+            continue
+        proj = _resolve(attn, spec.q, spec, "query projection")
+        if not spec.fused_qkv:
+            out.append((proj, lambda q: q))
+        elif spec.fused_layout == "blocks":  # [q | k | v], each n_heads * d_head wide
+            out.append((proj, lambda qkv: qkv[..., : n_heads * d_head]))
+        else:  # per head [q_h | k_h | v_h]
+            out.append((proj, lambda qkv: qkv.unflatten(-1, (n_heads, 3 * d_head))[..., :d_head].flatten(-2)))
+    return out
 
 
 def attn_shape(model: nn.Module) -> tuple[int, int, int]:

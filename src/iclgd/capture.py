@@ -15,6 +15,17 @@ XGLM computes its attention inline, so its attention forward is swapped for `_xg
 Under forward-mode AD (LinGD) SDPA has no derivative on CPU, so `plan.math`
 switches to an explicit softmax(q·kᵀ·s + mask)·v, which the tests check equals SDPA.
 
+Two more records serve the attention ranking of SPEC §4 (iclgd.ranking_record), both off unless
+the plan asks. `Plan.demo_pos` (ICL): per layer, the recording position's scaled query after the
+rotary embedding [batch, head, d_head], the keys of the demonstration tokens [kv_head, demo_tok,
+d_head] (read from the shared prefix cache, or from the chunk's own keys when the prefix is
+re-encoded) and whether the recording row sees every one of them (a sliding window or a cache that
+dropped old keys hides some); the scores are their product, taken later by the caller, so a run
+holds [batch, layer, head, d_head] per example rather than [batch, layer, demo_tok].
+`Plan.queries` (a process): per layer, q before any rotary embedding at the recording position
+[batch, head * d_head], read by a forward hook at `arch.query_sites`, and the attention's scaling.
+`record_queries` is the same hook for training forwards (every position, scaled by the caller).
+
 Positions are described per batch, in the coordinates of the current forward's token chunk:
 `own_start` is where the example's own tokens begin (after BOS or the demonstrations), `own_len`
 how many there are (up to and including the recording position), `pred_pos` where the label
@@ -54,6 +65,12 @@ class Plan:
     pred_pos: torch.Tensor
     math: bool = False  # explicit attention math (needed under forward-mode AD)
     full_rows: bool = False  # also keep the whole masked score row over every key (tests)
+    # ICL side of the attention ranking: positions of the demonstration tokens [demo_tok] in the
+    # whole sequence (position 0 the start token), and how many tokens precede each example's own
+    # (the ICL prefix, cached or not)
+    demo_pos: torch.Tensor | None = None
+    prefix_len: int = 0
+    queries: bool = False  # q before the rotary embedding at the recording position (arch.query_sites)
 
     @property
     def record_pos(self) -> torch.Tensor:  # [batch]
@@ -68,9 +85,17 @@ class Captured:
     attn_logits: list[torch.Tensor | None]  # each [batch, head, q_pos] NaN-padded past own_len
     full_rows: list[torch.Tensor | None]  # each [batch, head, k_pos] with -inf where masked
     logits: torch.Tensor | None = None  # [batch, vocab] at pred_pos
+    scaling: list[float | None] = field(default_factory=list)  # the attention's scaling per layer
+    icl_q: list[torch.Tensor | None] = field(default_factory=list)  # [batch, head, d_head], scaled, after rotary
+    icl_keys: list[torch.Tensor | None] = field(default_factory=list)  # [kv_head, demo_tok, d_head]
+    icl_seen: list[torch.Tensor | None] = field(default_factory=list)  # [batch] bool
+    query: list[torch.Tensor | None] = field(default_factory=list)  # [batch, head * d_head], before rotary
 
     def stacked(self) -> dict[str, torch.Tensor]:
-        """attn_out [batch, layer, d_model], attn_logits [batch, layer, head, q_pos], logits."""
+        """attn_out [batch, layer, d_model], attn_logits [batch, layer, head, q_pos], logits; with
+        `Plan.demo_pos` also icl_q [batch, layer, head, d_head], icl_seen [batch, layer] and (not
+        per example) icl_keys [layer, kv_head, demo_tok, d_head], attn_scaling [layer]; with
+        `Plan.queries` also query [batch, layer, head * d_head]."""
         missing = [i for i, t in enumerate(self.attn_out) if t is None]
         missing += [i for i, t in enumerate(self.attn_logits) if t is None]
         if missing or self.logits is None:
@@ -78,11 +103,17 @@ class Captured:
                 f"capture recorded nothing for layers {sorted(set(missing))} or the final logits; "
                 "the model's attention did not run through iclgd's hook points"
             )
-        return {
+        out = {
             "attn_out": torch.stack(self.attn_out, dim=1),
             "attn_logits": torch.stack(self.attn_logits, dim=1),
             "logits": self.logits,
         }
+        if any(t is not None for t in self.icl_q):
+            out.update(icl_q=torch.stack(self.icl_q, dim=1), icl_seen=torch.stack(self.icl_seen, dim=1),
+                       icl_keys=torch.stack(self.icl_keys), attn_scaling=torch.tensor(self.scaling))
+        if any(t is not None for t in self.query):
+            out["query"] = torch.stack(self.query, dim=1)
+        return out
 
 
 @dataclass
@@ -100,7 +131,8 @@ class _Session:
 
     def __post_init__(self) -> None:
         n = self.n_layers
-        self.captured = Captured([None] * n, [None] * n, [None] * n)
+        self.captured = Captured([None] * n, [None] * n, [None] * n, scaling=[None] * n, icl_q=[None] * n,
+                                 icl_keys=[None] * n, icl_seen=[None] * n, query=[None] * n)
 
 
 def _record_scores(
@@ -109,6 +141,7 @@ def _record_scores(
     key: torch.Tensor,  # [batch, kv_head, k_pos, d_head]
     attention_mask: torch.Tensor | None,
     scaling: float,
+    demo: bool = True,  # False: the demonstrations' keys are not in `key` (a shared prefix)
 ) -> None:
     sess = state.session
     plan = sess.plan
@@ -129,6 +162,12 @@ def _record_scores(
         row = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
     if plan.full_rows:
         sess.captured.full_rows[state.layer] = row  # [batch, head, k_pos]
+    sess.captured.scaling[state.layer] = float(scaling)
+    if plan.demo_pos is not None and demo:
+        # the whole sequence's position t sits at key index t - (chunk start) + (k_len - chunk)
+        chunk_start = plan.prefix_len - plan.own_start.to(query.device)  # [batch]
+        key_idx = plan.demo_pos.to(query.device)[None, :] - chunk_start[:, None] + (k_len - chunk)  # [batch, demo_tok]
+        _record_demo(state, q_rec * scaling, key, key_idx, row[:, 0] > float("-inf"))
     # Own tokens in key coordinates: the chunk starts at k_len - chunk. Keys the model masks
     # (outside a sliding window) are recorded as NaN: they take no part in its attention, and
     # they sit at the same relative positions in every setting.
@@ -141,6 +180,31 @@ def _record_scores(
     seen = row.gather(2, idx[:, None, :].expand(b, n_heads, q_max)) > float("-inf")
     own = torch.where(valid[:, None, :] & seen, own, torch.full_like(own, float("nan")))
     sess.captured.attn_logits[state.layer] = own  # [batch, head, q_pos]
+
+
+def _record_demo(
+    state: _LayerState,
+    q_rec: torch.Tensor,  # [batch, head, d_head], scaled
+    keys: torch.Tensor,  # [batch or 1, kv_head, n_keys, d_head]: every example's prefix is the same
+    key_idx: torch.Tensor,  # [batch, demo_tok] index into n_keys, out of range where a cache dropped it
+    open_row: torch.Tensor,  # [batch, n_keys] bool: keys the recording row attends to
+) -> None:
+    """The ICL side of the ranking at one layer (module docstring)."""
+    cap = state.session.captured
+    n = keys.shape[2]
+    present = (key_idx >= 0) & (key_idx < n)  # [batch, demo_tok]
+    idx = key_idx.clamp(0, n - 1)
+    cap.icl_seen[state.layer] = (present & open_row.gather(1, idx)).all(-1)  # [batch]
+    cap.icl_keys[state.layer] = keys[0][:, idx[0]] * present[0][None, :, None]  # [kv_head, demo_tok, d_head]
+    cap.icl_q[state.layer] = q_rec
+
+
+def _open_prefix(attention_mask: torch.Tensor | None, rec: torch.Tensor, p_len: int, b: int) -> torch.Tensor:
+    """[batch, p_len] bool: the prefix keys the recording rows attend to (mask [batch, 1, q, p + q])."""
+    if attention_mask is None:
+        return torch.ones(b, p_len, dtype=torch.bool, device=rec.device)
+    m = attention_mask[torch.arange(b, device=rec.device), 0, rec, :p_len]  # [batch, p_len]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
 
 
 def iclgd_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -156,7 +220,15 @@ def iclgd_attention(module, query, key, value, attention_mask, scaling=None, dro
             _record_scores(state, query, full_keys, attention_mask, scaling)
         elif state is not None:  # the query's own tokens are all in the chunk
             own_mask = None if attention_mask is None else attention_mask[..., -key.shape[2]:]
-            _record_scores(state, query, key, own_mask, scaling)
+            plan = state.session.plan
+            _record_scores(state, query, key, own_mask, scaling, demo=False)
+            if plan.demo_pos is not None:  # the demonstrations' keys are the shared prefix's
+                b, p_len = query.shape[0], prefix[0].shape[2]
+                rec = plan.record_pos.to(query.device)
+                # whole-sequence position t is prefix key t - (prefix_len - p_len): a sliding cache keeps the last p_len
+                key_idx = plan.demo_pos.to(query.device)[None, :].expand(b, -1) - (plan.prefix_len - p_len)
+                q_rec = query[torch.arange(b, device=query.device), :, rec] * scaling  # [batch, head, d_head]
+                _record_demo(state, q_rec, prefix[0], key_idx, _open_prefix(attention_mask, rec, p_len, b))
         return prefix_attention(query, key, value, prefix, attention_mask, scaling, softcap), None
     if state is not None:
         _record_scores(state, query, key, attention_mask, scaling)
@@ -310,6 +382,14 @@ def capture(model, plan: Plan) -> Iterator[Captured]:
             session.captured.logits = logits
 
         handles.append(arch.final_norm(model).register_forward_hook(norm_hook))
+        if plan.queries:
+            for layer, (site, extract) in enumerate(arch.query_sites(model)):
+                def q_hook(_mod, _args, output, layer=layer, extract=extract):
+                    q = extract(_first(output))  # [batch, pos, head * d_head]
+                    batch = torch.arange(q.shape[0], device=q.device)
+                    session.captured.query[layer] = q[batch, plan.record_pos.to(q.device)]
+
+                handles.append(site.register_forward_hook(q_hook))
         yield session.captured
     finally:
         for h in handles:
@@ -322,6 +402,49 @@ def capture(model, plan: Plan) -> Iterator[Captured]:
                 vars(owner).pop(name, None)
             else:
                 setattr(owner, name, before)
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+class QueryTrace:
+    """What `record_queries` saw: per layer, the last forward's q [batch, pos, head * d_head]."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[torch.Tensor | None] = [None] * n_layers
+
+    def stacked(self) -> torch.Tensor:
+        """[layer, batch, pos, head * d_head], as computed (dual numbers and vmap-batched tensors
+        included: the caller unpacks or returns them)."""
+        if any(t is None for t in self.layers):
+            raise IclgdError("record_queries saw no forward pass through every query site")
+        return torch.stack(self.layers)
+
+
+@contextlib.contextmanager
+def record_queries(model, on: bool = True) -> Iterator[QueryTrace | None]:
+    """Record q before any rotary embedding (`arch.query_sites`) at every position of the forward
+    passes inside the block (a training step's q_train, iclgd.ranking_record). Nothing is
+    detached: under forward-mode AD the values are dual numbers, under vmap batched tensors, and
+    the caller returns them from the transformed function. ``on=False`` installs nothing and
+    yields None. Hooks are removed in ``finally``."""
+    if not on:
+        yield None
+        return
+    sites = arch.query_sites(model)
+    trace = QueryTrace(len(sites))
+    handles = []
+    try:
+        for layer, (site, extract) in enumerate(sites):
+            def hook(_mod, _args, output, layer=layer, extract=extract):
+                trace.layers[layer] = extract(_first(output))
+
+            handles.append(site.register_forward_hook(hook))
+        yield trace
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _gpt_neo_attn(owner, state: _LayerState):

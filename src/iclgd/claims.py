@@ -136,6 +136,14 @@ def specs(controls: list[str]) -> list[Spec]:
     for p in PAPER_PROCESSES:
         out.append(Spec(f"rec2ftp {p} high", f"Rec2FTP({p.upper()}) high", f"Rec2FTP({p.upper()}) (%)",
                         ("rec2ftp", p), null=REC2FTP_HIGH, needs=("zsl", "icl", p), decimals=1))
+    for p in PAPER_PROCESSES:  # Dai et al.'s fourth metric (SPEC §4), each against its chance level
+        out.append(Spec(f"ranking {p} token>random", f"{p.upper()}'s attention ranking of the demonstration tokens "
+                        "agrees with ICL's above random", f"Kendall τ, token level: {p.upper()} − random",
+                        ("ranking_token", f"{p}: Kendall τ"), ("ranking_token", "random: Kendall τ"), needs=("icl", p)))
+        out.append(Spec(f"ranking {p} example>shuffled", f"{p.upper()}'s attention ranking of the demonstrations "
+                        "agrees with ICL's above the length-matched chance level", f"Kendall τ, example level: "
+                        f"{p.upper()} − shuffled", ("ranking_example", f"{p}: Kendall τ"),
+                        ("ranking_example", f"{p}: Kendall τ, shuffled"), needs=("icl", p)))
     for c in controls:
         for p in PAPER_PROCESSES:
             for key, metric in ((("simaou", f"{p} (norm)"), "SimAOU (norm)"), (("simaou", f"{p} (raw)"), "SimAOU (raw)"),

@@ -70,6 +70,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out folder iclgd did not make (its files are never replaced or removed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-ranking", action="store_true",
+                   help="do not record the attention ranking (Kendall τ, top-k recall; SPEC §4): nothing is hooked")
 
 
 SETTINGS_HELP = ("comma list: zsl, icl, gd, lcgd, lingd, NAME[lr=..,params=qkvo,batch=full,clip=MODE:VALUE,exit=attn] "
@@ -222,7 +224,7 @@ def _run_config(args, **kw):
     return RunConfig(model=args.model, revision=args.revision, protocol=args.protocol, eval_cap=args.eval_cap,
                      lr=args.lr, lr_source=args.lr_source, batch_size=args.batch_size, data_dir=args.data_dir,
                      data_source=args.data_source, device=args.device, dtype=args.dtype,
-                     progress=not args.quiet, **kw)
+                     progress=not args.quiet, ranking=not args.no_ranking, **kw)
 
 
 def _run(args) -> int:
@@ -270,7 +272,7 @@ def _reproduce(args) -> int:
                        settings=args.settings,
                        eval_cap=args.eval_cap, data_dir=args.data_dir, root=out / "runs", revision=args.revision,
                        lr=args.lr, lr_source=args.lr_source, batch_size=args.batch_size, data_source=args.data_source,
-                       device=args.device, dtype=args.dtype, progress=not args.quiet,
+                       device=args.device, dtype=args.dtype, progress=not args.quiet, ranking=not args.no_ranking,
                        controls=("untrained", "untrained-partial") if args.controls else (), control_seeds=control_seeds)
     plan = Plan("reproduce", tuple(cells), out, args.overwrite, args.backend, tuple(args.plugin))
     if args.dry_run:

@@ -73,6 +73,10 @@ class EvalOptions:
     record_at: str = "last"  # "last": the query's last token; "label": an appended label token (reference code)
     cache_prefix: bool = True  # encode demonstrations once and reuse their key/value cache
     progress: bool = True
+    # the attention ranking (iclgd.ranking_record): ICL's side at these demonstration token
+    # positions of the prefix, or a process's side (q before the rotary embedding); off by default
+    demo_pos: tuple[int, ...] | None = None
+    queries: bool = False
 
     def __post_init__(self) -> None:
         if self.record_at not in RECORD_AT:
@@ -141,6 +145,12 @@ def evaluate(
     `linearize=(theta0, delta)` evaluates the first-order Taylor model around theta0 in the
     direction delta: every recorded quantity (vocabulary logits, attention outputs, attention
     logits) is primal + tangent of one forward-mode AD pass (`first_order`).
+
+    The attention ranking's inputs, where `options` asks for them (capture's module docstring),
+    come back in `Record.extras`: per example icl_q [batch, layer, head, d_head] and icl_seen
+    [batch, layer], and icl_keys [layer, kv_head, demo_tok, d_head] and attn_scaling [layer]
+    (`options.demo_pos`), or query [batch, layer, head * d_head] (`options.queries`). The caller
+    takes them out before the record is stored (iclgd.ranking_record).
     """
     if len(queries) == 0:
         raise IclgdError("no eval examples to evaluate (empty eval set)")
@@ -160,6 +170,8 @@ def evaluate(
     results: list[dict[str, torch.Tensor]] = [None] * len(seqs)  # type: ignore[list-item]
     batches = [order[i : i + options.batch_size] for i in range(0, len(order), options.batch_size)]
     bar = tqdm(batches, desc=desc, unit="batch", disable=not options.progress, leave=False)
+    demo_pos = None if options.demo_pos is None else torch.tensor(options.demo_pos, dtype=torch.long)
+    shared: dict[str, torch.Tensor] = {}  # outputs that are not per example (the same in every batch)
     for idx in bar:
         chunk = [head + seqs[i] for i in idx]
         input_ids, mask = pad_right(chunk, pad_id)
@@ -169,6 +181,9 @@ def evaluate(
             own_len=own_len,
             pred_pos=len(head) + torch.tensor([len(queries[i]) for i in idx]) - 1,
             math=linearize is not None,
+            demo_pos=demo_pos,
+            prefix_len=len(prefix),
+            queries=options.queries,
         )
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
         if past is not None:
@@ -183,9 +198,14 @@ def evaluate(
                     lambda p, input_ids=input_ids, mask=mask, plan=plan: run_captured(model, p, input_ids, mask, plan),
                     theta0, delta)
             out = {k: primal[k] + tangent[k] for k in primal}
+        for key in ("icl_keys", "attn_scaling"):
+            if key in out:
+                shared[key] = out.pop(key).float().cpu()
         for j, i in enumerate(idx):
             results[i] = {k: v[j].float().cpu() for k, v in out.items()}
-    return _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
+    rec = _assemble(results, gold, label_ids_t, [len(s) for s in seqs])
+    rec.extras.update(shared)
+    return rec
 
 
 def label_logprobs_many(
@@ -273,6 +293,7 @@ def _assemble(results, gold, label_ids: torch.Tensor, own_lens: list[int]) -> Re
     attn_logits = torch.stack(
         [torch.nn.functional.pad(r["attn_logits"], (0, q_max - r["attn_logits"].shape[-1]), value=float("nan")) for r in results]
     )  # [batch, layer, head, q_pos]
+    extra = [k for k in results[0] if k not in ("logits", "attn_out", "attn_logits")]  # the ranking's inputs
     return Record(
         label_logprobs=label_logprobs,
         pred=label_logprobs.argmax(-1),
@@ -280,4 +301,5 @@ def _assemble(results, gold, label_ids: torch.Tensor, own_lens: list[int]) -> Re
         attn_out=torch.stack([r["attn_out"] for r in results]),
         attn_logits=attn_logits,
         q_len=torch.tensor(own_lens, dtype=torch.long),
+        extras={k: torch.stack([r[k] for r in results]) for k in extra},
     )

@@ -7,7 +7,9 @@ the model, the task, the seed and one list of k demonstrations in one order (SPE
 cell's `order` permutes that list in `prepare`, before any prompt or training sequence is built). ZSL and ICL evaluate
 the query with the original weights; every process trains on the demonstrations from θ0 with
 the learning rate its plan gives (fixed, or chosen by iclgd.lrsearch), then evaluates the query
-alone with the same capture.
+alone with the same capture. Where the plan asks (`CellPlan.records_ranking`), ICL's eval and
+each process's training and eval also record the two sides of Dai et al.'s attention ranking
+(iclgd.ranking_record), which goes into the same records and results.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iclgd import arch, flags, runfolder
+from iclgd import arch, flags, ranking_record, runfolder
 from iclgd.controls import control_model
 from iclgd.data import Selection, demo_order, select_examples, switch_labels
 from iclgd.errors import PromptError
@@ -153,12 +155,14 @@ def run(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = None
         log.warning("dai2023: ICL keeps %d of %d demonstrations that fit the context", prep.n_icl, plan.k)
     records: dict[str, Record] = {}
     results: dict[str, dict] = {}
+    rank = (ranking_record.CellRanking(prep.prompts, prep.n_icl, plan.seed, plan.compute.batch_size)
+            if plan.records_ranking else None)
     for setting in plan.settings:
         if before_setting is not None:
             before_setting(setting.label)
         t0 = time.perf_counter()
         with PeakMemory() as mem:
-            rec, info = _run_setting(setting, prep, loaded, records)
+            rec, info = _run_setting(setting, prep, loaded, records, rank)
         wall = time.perf_counter() - t0
         found, ties = flags.record_flags(rec.label_logprobs, rec.pred)
         info["flags"] = info.get("flags", []) + found
@@ -191,11 +195,14 @@ def cell_config(plan: CellPlan, identity: dict, prompt_info: dict | None = None)
     }
 
 
-def _run_setting(setting: SettingPlan, prep: Prepared, loaded, records: dict[str, Record]) -> tuple[Record, dict]:
-    """One setting's record and its results entry (without the timing and memory)."""
+def _run_setting(setting: SettingPlan, prep: Prepared, loaded, records: dict[str, Record],
+                 rank: ranking_record.CellRanking | None = None) -> tuple[Record, dict]:
+    """One setting's record and its results entry (without the timing and memory); `rank` records
+    the attention ranking's sides (iclgd.ranking_record) where the plan asks."""
     plan, prompts = prep.plan, prep.prompts
     opts = EvalOptions(batch_size=plan.compute.batch_size, record_at=plan.record_at,
-                       cache_prefix=plan.compute.cache_prefix, progress=plan.compute.progress)
+                       cache_prefix=plan.compute.cache_prefix, progress=plan.compute.progress,
+                       **(rank.eval_options(setting.name if not setting.process else "process") if rank else {}))
     common = dict(options=opts, pad_id=prep.pad_id)
     if setting.name == "zsl":
         rec = evaluate(loaded.model, prompts.queries, prep.gold, prompts.label_ids, prefix=prompts.bos,
@@ -204,19 +211,27 @@ def _run_setting(setting: SettingPlan, prep: Prepared, loaded, records: dict[str
     if setting.name == "icl":
         rec = evaluate(loaded.model, prompts.queries, prep.gold, prompts.label_ids,
                        prefix=prompts.icl_prefix(prep.n_icl), desc="icl", **common)
-        return rec, {"process": None, "options": {"n_demos": prep.n_icl}}
+        info = {"process": None, "options": {"n_demos": prep.n_icl}}
+        if rank is not None:
+            info["ranking"] = rank.after_icl(rec, loaded.model)
+        return rec, info
     ref = records["gd"].extras["grad_norms"] if "gd" in setting.needs else None
-    choice = choose_lr(setting, prep, loaded, reference_norms=ref)
+    record_queries = rank is not None and rank.defined
+    choice = choose_lr(setting, prep, loaded, reference_norms=ref, record_queries=record_queries)
     pcfg = process_config(setting, choice.lr)
     proc = PROCESSES.get(setting.name)()
-    ctx = TrainContext(loaded.model, prep.train_seqs, pcfg, reference_norms=ref, progress=plan.compute.progress)
+    ctx = TrainContext(loaded.model, prep.train_seqs, pcfg, reference_norms=ref, progress=plan.compute.progress,
+                       record_queries=record_queries)
     trained = choice.trained if choice.trained is not None else proc.train(ctx)
     t_eval = time.perf_counter()
     rec = proc.evaluate(ctx, trained, prompts.queries, prep.gold, prompts.label_ids, prefix=prompts.bos, **common)
+    info = {"process": setting.name, "options": {**_jsonable(asdict(pcfg)), **choice.info()},
+            "lr": choice.lr, "lr_source": choice.source}
+    if rank is not None:
+        info["ranking"] = rank.after_process(rec, trained.queries)
     eval_s = time.perf_counter() - t_eval
     found = flags.training_flags(trained.losses, trained.loss_after, trained.grad_norms, choice.lr)
-    return rec, {"process": setting.name, "options": {**_jsonable(asdict(pcfg)), **choice.info()},
-                 "lr": choice.lr, "lr_source": choice.source, "flags": found, "eval_s": eval_s}
+    return rec, {**info, "flags": found, "eval_s": eval_s}
 
 
 def _jsonable(d: dict) -> dict:

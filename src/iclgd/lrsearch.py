@@ -126,8 +126,9 @@ def held_out_prompts(plan, tokenizer, n: int, start: int) -> tuple[Prompts, list
     return held, [e.label for e in pool]
 
 
-def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrChoice:
-    """The learning rate for `setting` (its plan's rule), with the winner's training if searched."""
+def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None, record_queries: bool = False) -> LrChoice:
+    """The learning rate for `setting` (its plan's rule), with the winner's training if searched
+    (`record_queries`: every candidate records its q_train, so the winner's comes with it)."""
     rule = setting.lr
     if rule.source != "search":
         return LrChoice(rule.lr, rule.source)
@@ -136,7 +137,7 @@ def choose_lr(setting: SettingPlan, prep, loaded, reference_norms=None) -> LrCho
     plan = prep.plan
     held, gold = held_out_prompts(plan, loaded.tokenizer, rule.search_n, start=prep.prompts.bos[0])
     ctx = TrainContext(loaded.model, prep.train_seqs, process_config(setting, rule.lr),
-                       reference_norms=reference_norms, progress=False)
+                       reference_norms=reference_norms, progress=False, record_queries=record_queries)
     proc = PROCESSES.get(setting.name)()
     gold_t = torch.tensor(gold, dtype=torch.long)
     trials: dict[float, _Trial] = {}  # multiple of the reference rate -> outcome

@@ -98,6 +98,7 @@ class RunConfig:
     control: str | None = None  # None: the trained model; else one of CONTROLS
     order: int = 0  # demonstration order: 0 the seeded selection's own, o >= 1 a permutation (iclgd.data.demo_order)
     progress: bool = True
+    ranking: bool = True  # record Dai et al.'s attention ranking (SPEC §4; iclgd.ranking_record); off: nothing hooked
 
     @classmethod
     def from_dict(cls, d: Mapping) -> RunConfig:
@@ -347,10 +348,16 @@ class CellPlan:
     out: Path | None = None
     overwrite: bool = False
     n_eval: int | None = None  # eval examples the data gives (<= eval_cap), once the data is checked
+    ranking: bool = True  # record the attention ranking (iclgd.ranking_record) where ICL and a process run
 
     @property
     def labels(self) -> list[str]:
         return [s.label for s in self.settings]
+
+    @property
+    def records_ranking(self) -> bool:
+        """Whether the cell records the attention ranking: asked for, and ICL and a process to compare."""
+        return self.ranking and "icl" in self.labels and any(s.process for s in self.settings)
 
     def setting(self, label: str) -> SettingPlan:
         for s in self.settings:
@@ -369,6 +376,9 @@ class CellPlan:
             # order 0 is the unpermuted cell, which folders made before orders existed also are: left
             # out, so a sweep that adds --orders reuses them
             **({"order": self.order} if self.order else {}),
+            # adds records without changing any other number: iclgd.sweep.mismatch lets a folder that
+            # has them serve a request without them
+            "ranking": self.records_ranking,
         }
 
     def to_dict(self) -> dict:
@@ -440,7 +450,7 @@ def resolve_cell(cfg: RunConfig | CellPlan, *, out: str | Path | None = None, ov
         label_switch=cfg.label_switch, settings=tuple(settings), control=cfg.control, order=cfg.order,
         data_dir=cfg.data_dir,
         icl_tokenization=cfg.icl_tokenization or protocol.icl_tokenization,
-        data_source=cfg.data_source,
+        data_source=cfg.data_source, ranking=bool(cfg.ranking),
         compute=Compute(cfg.device, cfg.dtype, cfg.batch_size, cfg.cache_prefix, cfg.progress),
         out=None if out is None else Path(out), overwrite=overwrite)
     if check_data:
@@ -694,7 +704,8 @@ class Plan:
             ctrl = f" ({c.control} control)" if c.control else ""
             order = f" · order {c.order}" if c.order else ""
             lines.append(f"- {c.model.name}{rev}{ctrl} · {c.task.name} · seed {c.seed} · k {c.k}{order} · {n} · protocol {c.protocol.name} · separator {c.separator!r} ({c.icl_tokenization}) · "
-                         f"record at {c.record_at}{' · label switch' if c.label_switch else ''} · {c.compute.device}/"
+                         f"record at {c.record_at}{' · label switch' if c.label_switch else ''} · "
+                         f"ranking {'on' if c.records_ranking else 'off'} · {c.compute.device}/"
                          f"{c.compute.dtype}" + (f" -> {c.out}" if c.out is not None and self.command == "reproduce"
                                                   else ""))
             for s in c.settings:

@@ -26,6 +26,19 @@ else PromptError), so recorded vectors align across ZSL, ICL and the processes. 
 is the ids of its query text followed by the ids of ``" " + label word``, so the token a process
 trains on after the ``:`` is exactly the label token the prediction reads (SPEC §2); natural
 tokenization must agree (checked).
+
+Demonstration spans (`Prompts.demo_spans`): where each demonstration's tokens sit in the full ICL
+prefix, the token-for-token counterpart of its training sequence (start token dropped), which the
+attention ranking of SPEC §4 (iclgd.ranking_record) aligns on. Piecewise, they follow from the
+pieces' lengths. Natural, they are read from the character offsets of the prefix's tokens: the
+tokens lying inside demonstration i's characters form its span, and the span must hold exactly
+demonstration i's own ids. Where a token crosses a demonstration's boundary (text merged with the
+separator or the next demonstration: BPE merges across whitespace, a SentencePiece piece spanning
+"word\n"), or the tokenizer gives no offsets, the spans are None and `spans_note` says why: the
+demonstration's tokens in context are not the tokens it was trained on, so the ranking is
+undefined for the cell rather than aligned on mismatched tokens. With SmolLM2's and Gemma-3's
+tokenizers and the default "\n\n" separator no boundary merges (the separator becomes its own
+tokens).
 """
 
 from __future__ import annotations
@@ -159,6 +172,10 @@ class Prompts:
     label_ids: tuple[int, ...]
     prefixes: tuple[tuple[int, ...], ...] = ()  # [n] -> start + d1 + sep + ... + dn + sep
     tokenization: str = "piecewise"
+    # (start, stop) of each demonstration's tokens in icl_prefix() (all demonstrations), or None
+    # where a demonstration's tokens in context differ from its own (module docstring); then why
+    demo_spans: tuple[tuple[int, int], ...] | None = None
+    spans_note: str = ""
 
     def icl_prefix(self, n_demos: int | None = None) -> list[int]:
         """start + d1 + sep + ... + dn + sep, the part of an ICL prompt before the query, as the
@@ -215,12 +232,43 @@ def build_prompts(
     if tokenization == "natural" and separator not in _EOS_NAMES:
         demo_texts = [f"{q} {task.label_words[y]}" for q, y in zip(demo_q, labels)]
         prefixes = _natural_prefixes(tokenizer, bos, demo_texts, demos, separator, eval_q, queries)
+        spans, note = _natural_spans(tokenizer, len(bos), demo_texts, demos, separator, prefixes[-1])
     else:  # piecewise; with an EOS separator the two are the same (it is a token, not text)
         prefixes = [bos]
         for d in demos:
             prefixes.append(prefixes[-1] + d + sep)
+        starts = [len(p) for p in prefixes[:-1]]
+        spans, note = tuple((a, a + len(d)) for a, d in zip(starts, demos)), ""
     return Prompts(bos=bos, demos=demos, separator=sep, queries=queries, label_ids=tuple(label_ids),
-                   prefixes=tuple(prefixes), tokenization=tokenization)
+                   prefixes=tuple(prefixes), tokenization=tokenization, demo_spans=spans, spans_note=note)
+
+
+def _natural_spans(tokenizer, n_bos: int, demo_texts, demos, separator, prefix) -> tuple[tuple | None, str]:
+    """Each demonstration's (start, stop) in the natural prefix, read from character offsets
+    (module docstring), or (None, why) where some demonstration's tokens in context are not its own."""
+    if not demos:
+        return (), ""
+    text = "".join(t + separator for t in demo_texts)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError) as err:  # a slow tokenizer has no offsets
+        return None, f"the tokenizer gives no character offsets ({type(err).__name__}), so demonstration tokens cannot be located"
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if tuple(ids) != tuple(prefix[n_bos:]):  # the prefix was read off text + a query: it must agree
+        return None, "the ICL prefix's tokens differ from the prefix text's own tokenization"
+    spans, a = [], 0
+    for i, (t, own) in enumerate(zip(demo_texts, demos)):
+        b = a + len(t)
+        inside = [j for j, (s, e) in enumerate(offsets) if a <= s and e <= b and e > s]
+        got = tuple(ids[j] for j in inside)
+        if got != tuple(own) or (inside and inside[-1] - inside[0] + 1 != len(inside)):
+            cross = [tokenizer.convert_ids_to_tokens(ids[j]) for j, (s, e) in enumerate(offsets) if s < b < e or s < a < e]
+            return None, (f"natural tokenization merges demonstration {i}'s boundary with its neighbour"
+                          + (f" (token(s) {cross} cross it)" if cross else "")
+                          + ": its tokens in context are not the ones it is trained on")
+        spans.append((n_bos + inside[0], n_bos + inside[-1] + 1))
+        a = b + len(separator)
+    return tuple(spans), ""
 
 
 def _natural_prefixes(tokenizer, bos, demo_texts, demos, separator, eval_q, queries) -> list[tuple[int, ...]]:

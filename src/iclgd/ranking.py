@@ -269,34 +269,41 @@ def _draws(seed: int, index: int, n_layers: int, n_tok: int, n_demo: int):
     return r_tok, r_demo, perm
 
 
+PARTS = ("all", "compare", "random")
+
+
 def _measure(
     icl: np.ndarray,
-    ft: np.ndarray,
+    ft: np.ndarray | None,
     spans: Spans,
     *,
     seed: int,
     start: int,
     k_token: int,
     k_example: int,
+    parts: str = "all",
 ) -> dict[str, np.ndarray]:
-    """Every metric and baseline for examples start, start+1, ...: [batch, layer, demo_tok] ->
-    name -> [batch, layer]."""
-    out = rank_agreement(icl, ft, spans, k_token=k_token, k_example=k_example)
+    """The metric and baselines for examples start, start+1, ...: [batch, layer, demo_tok] ->
+    name -> [batch, layer]. ``parts``: "all"; "compare" (``METRICS`` and ``SHUFFLED``: what
+    depends on FT); "random" (``RANDOM``: ICL's scores against random ones; ``ft`` unused)."""
+    out = {} if parts == "random" else rank_agreement(icl, ft, spans, k_token=k_token, k_example=k_example)
     n, n_layers, n_tok = icl.shape
     draws = [_draws(seed, start + i, n_layers, n_tok, len(spans)) for i in range(n)]
     r_tok, r_demo, perm = (np.stack(d) for d in zip(*draws))  # [batch, layer, ·]
     la = log_softmax(icl)
     ea = example_log_mass(la, spans)
-    # random scores in place of FT's: token scores at the token level, one score per
-    # demonstration at the example level (the reference's draws)
-    out["tau_token_random"] = kendall_tau_b(la, r_tok)
-    out["recall_token_random"] = topk_recall(la, r_tok, k_token)
-    out["tau_example_random"] = kendall_tau_b(ea, r_demo)
-    out["recall_example_random"] = topk_recall(ea, r_demo, k_example)
-    # FT's own token scores, shuffled over demo_tok, through the same softmax and sums
-    es = example_log_mass(log_softmax(np.take_along_axis(ft, perm, axis=-1)), spans)
-    out["tau_example_shuffled"] = kendall_tau_b(ea, es)
-    out["recall_example_shuffled"] = topk_recall(ea, es, k_example)
+    if parts != "compare":
+        # random scores in place of FT's: token scores at the token level, one score per
+        # demonstration at the example level (the reference's draws)
+        out["tau_token_random"] = kendall_tau_b(la, r_tok)
+        out["recall_token_random"] = topk_recall(la, r_tok, k_token)
+        out["tau_example_random"] = kendall_tau_b(ea, r_demo)
+        out["recall_example_random"] = topk_recall(ea, r_demo, k_example)
+    if parts != "random":
+        # FT's own token scores, shuffled over demo_tok, through the same softmax and sums
+        es = example_log_mass(log_softmax(np.take_along_axis(ft, perm, axis=-1)), spans)
+        out["tau_example_shuffled"] = kendall_tau_b(ea, es)
+        out["recall_example_shuffled"] = topk_recall(ea, es, k_example)
     return out
 
 
@@ -306,26 +313,28 @@ class RankingResult:
 
     ``*_random``: uniform random scores in place of FT's; ``*_example_shuffled``: FT's token
     scores permuted over demo_tok (the length-matched chance level; module docstring).
-    ``k_token`` and ``k_example`` are the k actually used (capped at the item count).
+    ``k_token`` and ``k_example`` are the k actually used (capped at the item count). An
+    accumulator that computed only some parts (``RankingAccumulator(parts=...)``) leaves the
+    others None.
     """
 
-    tau_token: Tensor
-    recall_token: Tensor
-    tau_example: Tensor
-    recall_example: Tensor
-    tau_token_random: Tensor
-    recall_token_random: Tensor
-    tau_example_random: Tensor
-    recall_example_random: Tensor
-    tau_example_shuffled: Tensor
-    recall_example_shuffled: Tensor
     k_token: int
     k_example: int
+    tau_token: Tensor | None = None
+    recall_token: Tensor | None = None
+    tau_example: Tensor | None = None
+    recall_example: Tensor | None = None
+    tau_token_random: Tensor | None = None
+    recall_token_random: Tensor | None = None
+    tau_example_random: Tensor | None = None
+    recall_example_random: Tensor | None = None
+    tau_example_shuffled: Tensor | None = None
+    recall_example_shuffled: Tensor | None = None
 
     def arrays(self) -> dict[str, Tensor]:
-        """Every [batch, layer] array by name (for a run folder or a bootstrap)."""
+        """Every computed [batch, layer] array by name (for a run folder or a bootstrap)."""
         names = [f.name for f in fields(self) if f.name.startswith(("tau_", "recall_"))]
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def get(self, name: str) -> Tensor:
         arrays = self.arrays()
@@ -346,7 +355,10 @@ class RankingAccumulator:
     """Streams eval examples one at a time (or in chunks) and keeps only [batch, layer] values.
 
     All examples of one cell share the demonstrations, hence ``demo_spans``. Example i (counted
-    from 0 in the order added) draws its baselines' random numbers from (seed, i).
+    from 0 in the order added) draws its baselines' random numbers from (seed, i). ``parts``:
+    "all", "compare" (the metric and the shuffled baseline: what depends on FT's scores) or
+    "random" (the random baselines only: ICL's scores alone, so a run computes them once per cell
+    and passes ``ft_scores=None``); the same seed gives the same numbers in every split.
     """
 
     def __init__(
@@ -357,7 +369,10 @@ class RankingAccumulator:
         k_token: int = K_TOKEN,
         k_example: int = K_EXAMPLE,
         seed: int,
+        parts: str = "all",
     ):
+        if parts not in PARTS:
+            raise unknown_name("ranking parts", parts, list(PARTS))
         if k_token < 1 or k_example < 1:
             raise ValueError(f"k must be at least 1, got k_token={k_token}, k_example={k_example}")
         if int(seed) < 0:
@@ -366,15 +381,23 @@ class RankingAccumulator:
         self.spans = check_spans(demo_spans)
         self.n_tok = self.spans[-1][1]
         self.k_token, self.k_example, self.seed = int(k_token), int(k_example), int(seed)
+        self.parts = parts
         self._parts: list[dict[str, np.ndarray]] = []
         self._n = 0
 
     def __len__(self) -> int:
         return self._n
 
-    def add(self, icl_scores, ft_scores) -> None:
-        """Add one example ([layer, demo_tok]) or a chunk ([batch, layer, demo_tok]) of both."""
-        icl, ft = _float64(icl_scores), _float64(ft_scores)
+    def add(self, icl_scores, ft_scores=None) -> None:
+        """Add one example ([layer, demo_tok]) or a chunk ([batch, layer, demo_tok]) of both
+        (``ft_scores`` None: the random baselines only, ``parts="random"``)."""
+        icl = _float64(icl_scores)
+        if ft_scores is None:
+            if self.parts != "random":
+                raise ValueError(f"ft_scores are needed for parts={self.parts!r}")
+            if not np.isfinite(icl).all():
+                raise ValueError("scores must be finite (pre-softmax scores, nothing masked)")
+        ft = icl if ft_scores is None else _float64(ft_scores)
         if icl.ndim == 2:
             icl, ft = icl[None], ft[None]
         want = (self.n_layers, self.n_tok)
@@ -391,13 +414,14 @@ class RankingAccumulator:
             start=self._n,
             k_token=self.k_token,
             k_example=self.k_example,
+            parts=self.parts,
         )
         self._parts.append(part)
         self._n += icl.shape[0]
 
     def result(self) -> RankingResult:
         """Everything added so far as a ``RankingResult`` (arrays [batch, layer])."""
-        names = METRICS + RANDOM + SHUFFLED
+        names = {"all": METRICS + RANDOM + SHUFFLED, "compare": METRICS + SHUFFLED, "random": RANDOM}[self.parts]
         if self._parts:
             arrays = {m: np.concatenate([p[m] for p in self._parts]) for m in names}
         else:

@@ -7,7 +7,9 @@ bootstrap interval) and releases the arrays, so a report never holds more than o
 
 Entries are keyed (table, column): the table a value is shown in and its column there. Tables:
 ``accuracy``, ``rec2ftp``, ``simaou``, ``simam``, ``simam_delta``, ``alpha``, ``agreement``, and
-``f2t:P`` per process P: P's metrics on its F2T subset (SPEC §4: the examples ZSL gets wrong while
+``ranking_token`` and ``ranking_example`` (Dai et al.'s Kendall τ and top-k recall of attention to
+the demonstrations, read from the records iclgd.ranking_record wrote: per process, and the random
+baseline once per cell from ICL's records), and ``f2t:P`` per process P: P's metrics on its F2T subset (SPEC §4: the examples ZSL gets wrong while
 ICL and P get right). On that subset accuracy is 100% for ICL and P and 0% for ZSL, and Rec2FTP
 is 100%, by construction, so neither is shown; gradient norms are not per example. α's F2T
 columns (in ``alpha``) use the examples that are F2T for both GD and LCGD.
@@ -27,7 +29,7 @@ from functools import cached_property
 
 import numpy as np
 
-from iclgd import agreement, metrics, stats
+from iclgd import agreement, metrics, ranking_record, stats
 from iclgd.metrics import PerExample
 from iclgd.runfolder import BASE_SETTINGS, Run
 
@@ -143,6 +145,22 @@ F2T_COLUMNS = (
     ("SimAM_Δ", "simam_delta", True),
 )
 ALPHA_COLUMNS = (("attn logits", "alpha"), ("attn out (norm)", "alpha_aou"), ("attn out (raw)", "alpha_aou_raw"))
+# Attention-ranking columns: (table, column suffix, metric in iclgd.ranking). A process P's
+# columns are "P: <suffix>"; the random baseline rests on ICL alone: "random: <suffix>", once.
+RANKING_COLUMNS = (
+    ("ranking_token", "Kendall τ", "tau_token"),
+    ("ranking_token", "top-k recall", "recall_token"),
+    ("ranking_example", "Kendall τ", "tau_example"),
+    ("ranking_example", "top-k recall", "recall_example"),
+    ("ranking_example", "Kendall τ, shuffled", "tau_example_shuffled"),
+    ("ranking_example", "top-k recall, shuffled", "recall_example_shuffled"),
+)
+RANKING_RANDOM = (
+    ("ranking_token", "Kendall τ", "tau_token_random"),
+    ("ranking_token", "top-k recall", "recall_token_random"),
+    ("ranking_example", "Kendall τ", "tau_example_random"),
+    ("ranking_example", "top-k recall", "recall_example_random"),
+)
 
 
 def cell_values(run: Run, *, intervals: bool = True) -> Cell:
@@ -222,8 +240,38 @@ def _fill(cell: Cell, recs: dict, settings: list[str], procs: list[str]) -> None
         add("agreement", f"{p}: same label (%)", PerExample(agree.agree), ("icl", p), scale=100.0)
         add("agreement", f"{p}: KL(ICL ‖ P)", PerExample(agree.kl), ("icl", p))
         add("agreement", f"{p}: JS", PerExample(agree.js), ("icl", p))
+    _fill_ranking(cell, recs, procs)
     for p in procs:
         table, f2t = f2t_table(p), metrics.f2t(recs, p)
         cell.counts[table, "n"] = int(f2t.sum())
         for column, name, own in F2T_COLUMNS:
             add(table, column, metric(name, p if own else None).restrict(f2t), (*base, p))
+
+
+def _fill_ranking(cell: Cell, recs: dict, procs: list[str]) -> None:
+    """The attention-ranking entries, where the run recorded them (iclgd.ranking_record). Values are
+    [batch, layer] with NaN where undefined (a layer whose window hides a demonstration); an
+    example's value is its mean over its defined layers, and examples without one carry weight 0.
+    Without NaN this is SPEC §4's mean over examples per layer, then over layers."""
+
+    def add(table: str, column: str, arr, uses) -> None:
+        v = np.asarray(arr, dtype=np.float64)  # [batch, layer]
+        finite = np.isfinite(v)
+        count = finite.sum(1)
+        has = count > 0
+        examples = np.where(has, np.where(finite, v, 0.0).sum(1) / np.maximum(count, 1), np.nan)  # [batch]
+        weight = None if has.all() else has.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            curve = np.where(finite, v, 0.0).sum(0) / finite.sum(0)  # [layer]; NaN where no example
+        estimate = float(examples[has].mean()) if has.any() else math.nan
+        cell.values[table, column] = Value(examples, weight, tuple(uses), curve, estimate=estimate)
+
+    names = [ranking_record.record_name(m) for *_, m in RANKING_RANDOM]
+    if "icl" in recs and all(n in recs["icl"] for n in names):
+        for table, suffix, metric in RANKING_RANDOM:
+            add(table, f"random: {suffix}", recs["icl"][ranking_record.record_name(metric)], ("icl",))
+    for p in procs:
+        if not all(ranking_record.record_name(m) in recs[p] for *_, m in RANKING_COLUMNS):
+            continue
+        for table, suffix, metric in RANKING_COLUMNS:
+            add(table, f"{p}: {suffix}", recs[p][ranking_record.record_name(metric)], ("icl", p))

@@ -46,12 +46,20 @@ KSWEEP_LEGEND = (
     "'seeds per k' gives n. k = 0 cells run ZSL and ICL only (no demonstrations to train on; ICL with "
     "k = 0 is ZSL), so process columns are empty there. F2T subsets per k are in the main tables of each k."
 )
-# The place of Dai et al.'s ranking table until its recording lands (issue 13, item 1): a report
-# says it is missing rather than leave the reader to wonder. Replace with the table when it exists.
+# Where Dai et al.'s ranking tables are (or why they are absent): a report says so rather than
+# leave the reader to wonder.
 RANKING_NOTE = (
     "Dai et al.'s fourth metric (SPEC §4: Kendall τ and top-k recall between ICL's attention to the "
-    "demonstration tokens and the finetuning side's) is not recorded by these runs yet (issue 13, item 1); "
-    "its table, with its random baseline, belongs here."
+    "demonstration tokens and the finetuning side's, iclgd.ranking_record) is in the tables 'Attention ranking "
+    "of the demonstration tokens' (token level) and '... of the demonstrations' (example level) above, each "
+    "process beside the random baseline (and, at the example level, the shuffled one), with their per-cell "
+    "bootstrap intervals below; files tables/ranking_token.* and tables/ranking_example.*."
+)
+RANKING_ABSENT = (
+    "Dai et al.'s fourth metric (SPEC §4: Kendall τ and top-k recall between ICL's attention to the "
+    "demonstration tokens and the finetuning side's) is not in these runs: they ran with --no-ranking, have "
+    "no icl setting or no process, were made before iclgd recorded it, or the metric is undefined for their "
+    "cells (results.json, 'ranking', says why)."
 )
 
 
@@ -228,8 +236,10 @@ def write(groups: list[Group], permuted: list[Run], tables_dir: Path, fig_dir: P
     if parts.notes:
         parts.md += ["Not compared:", "", *(f"- {n}" for n in parts.notes), ""]
         parts.html += "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in parts.notes) + "</ul>\n"
-    parts.md += ["## Attention ranking to the demonstrations (Kendall τ, top-k recall)", "", RANKING_NOTE, ""]
-    parts.html += f"<h2>Attention ranking to the demonstrations</h2>\n<p>{html.escape(RANKING_NOTE)}</p>\n"
+    recorded = any(t == "ranking_token" for g in groups for c in g.cells for t, _ in c.values)
+    note = RANKING_NOTE if recorded else RANKING_ABSENT
+    parts.md += ["## Attention ranking to the demonstrations (Kendall τ, top-k recall)", "", note, ""]
+    parts.html += f"<h2>Attention ranking to the demonstrations</h2>\n<p>{html.escape(note)}</p>\n"
     if figures:
         from iclgd import report_sweep_figures as figs
 

@@ -34,6 +34,11 @@ TABLES = {
               "(SimAOU form); F2T: on the examples ZSL gets wrong while ICL, GD and LCGD get right", 3),
     "agreement": ("Output agreement of ICL and P: same predicted label (%), KL(ICL ‖ P) and Jensen-Shannon "
                   "divergence (nats) of the label distributions renormalized over the labels", 3),
+    "ranking_token": ("Attention ranking of the demonstration tokens, ICL vs P (Dai et al.): Kendall τ-b and "
+                      "top-k recall (k = min(100, tokens)); random: random scores in place of P's", 3),
+    "ranking_example": ("Attention ranking of the demonstrations (each one's summed attention), ICL vs P: Kendall "
+                        "τ-b and top-k recall (k = min(5, k)); shuffled: P's token scores permuted (the "
+                        "length-matched chance level); random: random scores in place of P's", 3),
 }
 F2T_PREFIX = "f2t:"
 
@@ -49,7 +54,13 @@ LEGEND = (
     "(the reference's mode 'f2t'); every entry is computed on that subset only, baselines included; n is "
     "its size per seed in seed order (Σ: over every cell); accuracy (100/100/0) and Rec2FTP (100) are "
     "fixed by construction there and not shown. Random SimAOU baselines: a centred Gaussian update, and "
-    "the reference's uniform [0,1) update. Agreement: KL and JS in nats, JS ≤ ln 2."
+    "the reference's uniform [0,1) update. Agreement: KL and JS in nats, JS ≤ ln 2. Attention ranking "
+    "(SPEC §4): ICL's pre-softmax scores from the recording position to every demonstration token (summed "
+    "over heads) against P's q_test · q_train (queries before the rotary embedding, q_train from the step "
+    "that trained on the token), both softmaxed over the demonstration tokens; mean over examples per "
+    "layer, then layers (a layer whose attention window hides a demonstration is left out); the random "
+    "baseline rests on ICL's scores alone, so it is one column per cell; at the example level read P "
+    "against 'shuffled', which keeps the demonstrations' lengths, as well as against random."
 )
 CELLS_LEGEND = (
     f"One row per cell (task, seed, model). Each entry: the cell's headline (mean over eval examples, "

@@ -5,8 +5,10 @@
       demos.jsonl          the k demonstrations in order: id, fields, gold label, label used
       eval.jsonl           the eval examples in order: id, gold label
       results.json         per setting: accuracy, n, wall/train/eval seconds, peak memory, options,
-                           learning rate and how it was chosen, flags (degenerate results)
-      records/SETTING.npz  per setting arrays (docs/DESIGN.md lists the keys)
+                           learning rate and how it was chosen, flags (degenerate results), the
+                           attention ranking's summary (iclgd.ranking_record)
+      records/SETTING.npz  per setting arrays (docs/DESIGN.md lists the keys; ranking_* arrays:
+                           iclgd.ranking_record)
       .iclgd               marker: kind "run", schema, the files iclgd wrote (iclgd.outputs)
       DONE                 written last; a folder without it is unfinished and is redone
 

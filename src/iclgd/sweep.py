@@ -57,7 +57,11 @@ def mismatch(path: Path, cell: CellPlan) -> list[str]:
     if stored is None:
         return ["run-folder schema (made by an older iclgd)"]
     want = _decisive_json(cell)
-    return [k for k in sorted(set(want) | set(stored)) if stored.get(k) != want.get(k)]
+    # a folder with the attention ranking serves a request without it (the ranking adds records and
+    # changes no other number); one without it (or made before it existed) does not serve one with it
+    if stored.get("ranking") and not want.get("ranking"):
+        want["ranking"] = True
+    return [k for k in sorted(set(want) | set(stored)) if stored.get(k, False if k == "ranking" else None) != want.get(k)]
 
 
 def is_finished(cell: CellPlan) -> bool:

@@ -65,6 +65,10 @@ class TrainContext:
     config: ProcessConfig
     reference_norms: torch.Tensor | None = None  # [layer, step] GD's gradient norms (match_gd)
     progress: bool = True
+    # record q_train, each demonstration token's query in the step that trains on it (the attention
+    # ranking, iclgd.ranking_record); `queries` is the current step's list while a step runs
+    record_queries: bool = False
+    queries: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.train_params = arch.trainable_params(self.model, self.config.params)
@@ -81,6 +85,10 @@ class TrainResult:
     grad_norms: torch.Tensor  # [layer, step] ℓ2 norm of each layer's gradient (before clipping)
     losses: torch.Tensor  # [step]
     loss_after: float | None = None  # the first batch's loss at the trained weights (iclgd.flags)
+    # [layer, demo_tok, head * d_head] q_train (TrainContext.record_queries): every demonstration
+    # token's query before the rotary embedding, unscaled, in the step that trained on it, in
+    # demonstration order, start tokens dropped; None if not recorded
+    queries: torch.Tensor | None = None
 
     def params(self, theta0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: theta0[n] + d for n, d in self.delta.items()}
@@ -114,6 +122,22 @@ def register_process(name: str):
     return deco
 
 
+def log_queries(ctx: TrainContext, q: torch.Tensor | None) -> None:
+    """Keep one training sequence's recorded queries if the current step records them (a process's
+    `grads` / `grads_many` calls this after each sequence's forward; `Process.train` collects).
+
+    q: [layer, pos, head * d_head], or [cand, layer, pos, head * d_head] in lockstep, position 0
+    the start token (dropped: it is never a demonstration token). LinGD passes the linearized
+    model's query (primal + tangent)."""
+    if ctx.queries is not None and q is not None:
+        ctx.queries.append(q.detach()[..., 1:, :].float())
+
+
+def recording(ctx: TrainContext) -> bool:
+    """Whether the current step records q_train (the final loss check does not)."""
+    return ctx.queries is not None
+
+
 def token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Causal-LM cross-entropy summed over predicted tokens / their count. logits [pos, vocab], ids [pos]."""
     return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="mean")
@@ -142,9 +166,15 @@ class Process:
         norms = torch.zeros(ctx.n_layers, len(batches))
         losses = torch.zeros(len(batches))
         bar = tqdm(batches, desc=f"train {self.name}", unit="step", disable=not ctx.progress, leave=False)
+        recorded: list[torch.Tensor] = []  # q_train per sequence [layer, pos - 1, head * d_head]
         for step, batch in enumerate(bar):
             params = {n: (ctx.theta0[n] + delta[n]).requires_grad_(True) for n in delta}
-            loss, grads = self.grads(ctx, params, batch)
+            ctx.queries = [] if ctx.record_queries else None
+            try:
+                loss, grads = self.grads(ctx, params, batch)
+            finally:
+                recorded += ctx.queries or []
+                ctx.queries = None
             if not torch.isfinite(loss):
                 raise NonFiniteError(
                     f"{self.name}: non-finite loss ({loss.item()}) at step {step} with lr {cfg.lr}; "
@@ -166,7 +196,7 @@ class Process:
         # the first batch once more at the trained weights: did training lower its loss? (flags)
         params = {n: (ctx.theta0[n] + delta[n]).requires_grad_(True) for n in delta}
         loss_after = float(self.grads(ctx, params, batches[0])[0])
-        return TrainResult(delta, norms, losses, loss_after)
+        return TrainResult(delta, norms, losses, loss_after, train_queries(recorded, len(seqs)))
 
     def grads_many(self, ctx: TrainContext, params: dict[str, torch.Tensor], batch: list[torch.Tensor]):
         """`grads` for several candidates at once: params {name: [cand, ...]} -> (loss [cand],
@@ -248,6 +278,14 @@ class Process:
     def eval_flops_many(self, dims: ModelDims, tokens: CellTokens, n: int) -> int:
         """The floor of scoring n candidates on the queries: by default n times `eval_flops`."""
         return n * self.eval_flops(dims, tokens)
+
+
+def train_queries(recorded: list[torch.Tensor], n_seqs: int) -> torch.Tensor | None:
+    """q_train [layer, demo_tok, head * d_head] from one tensor per training sequence, or None if
+    the process did not record every sequence (one whose `grads` does not call `log_queries`)."""
+    if len(recorded) != n_seqs or not recorded:
+        return None
+    return torch.cat(recorded, dim=1)
 
 
 def layer_norms(grads: dict[str, torch.Tensor], layer_of: dict[str, int], n_layers: int) -> torch.Tensor:

@@ -19,7 +19,14 @@ from torch.func import functional_call, vmap
 from iclgd import arch
 from iclgd.errors import IclgdError
 from iclgd.plan import ProcessOption
-from iclgd.processes.base import Process, TrainContext, TrainResult, register_process
+from iclgd.processes.base import (
+    Process,
+    TrainContext,
+    TrainResult,
+    log_queries,
+    recording,
+    register_process,
+)
 
 EXITS = ("block", "attn")
 NO_LOGITS = torch.zeros(0, dtype=torch.long)  # `logits_to_keep` that selects no position
@@ -152,6 +159,8 @@ class LCGD(Process):
         return forward_flops(d, seq_len) + backward_flops(d, seq_len, logits=0) + 2 * exits
 
     def grads(self, ctx: TrainContext, params, batch):
+        from iclgd.capture import record_queries
+
         model = ctx.model
         exit = ctx.config.options.get("exit", "block")
         norm, head = arch.final_norm(model), arch.unembed(model)
@@ -161,9 +170,10 @@ class LCGD(Process):
         grads = {n: torch.zeros_like(params[n]) for n in names}
         loss = torch.zeros(())
         for ids in batch:
-            with layer_causal(model, exit) as exits:
+            with layer_causal(model, exit) as exits, record_queries(model, on=recording(ctx)) as trace:
                 functional_call(model, params, (ids[None],), {"use_cache": False, "logits_to_keep": NO_LOGITS},
                                 strict=False)
+            log_queries(ctx, trace and trace.stacked()[:, 0])  # [layer, pos, head * d_head]
             n_pos = len(ids) - 1  # the last position predicts nothing
             per_layer = n_pos * head.weight.shape[0] * head.weight.element_size()
             step = max(1, EXIT_CHUNK_BYTES // per_layer)
@@ -189,9 +199,10 @@ class LCGD(Process):
         taken with respect to its exit states only, and one backward carries them all through
         the blocks: each block's input is detached, so that is each exit's own backward, as in
         `grads`."""
-        from iclgd.capture import math_mode
+        from iclgd.capture import math_mode, record_queries
 
         model = ctx.model
+        rec = recording(ctx)
         exit = ctx.config.options.get("exit", "block")
         norm, head = arch.final_norm(model), arch.unembed(model)
         frozen = _frozen_exit_params(model, params)
@@ -201,14 +212,19 @@ class LCGD(Process):
         grads = {n: torch.zeros_like(params[n]) for n in names}
         loss = torch.zeros(n_cand)
         for ids in batch:
-            def exits_of(p, ids=ids):  # one candidate: [layer, pos, d_model]
-                with layer_causal(model, exit) as exits:
+            def exits_of(p, ids=ids):  # one candidate: [layer, pos, d_model] (and its queries)
+                with layer_causal(model, exit) as exits, record_queries(model, on=rec) as trace:
                     functional_call(model, p, (ids[None],), {"use_cache": False, "logits_to_keep": NO_LOGITS},
                                     strict=False)
-                return torch.cat(exits, dim=0)
+                h = torch.cat(exits, dim=0)
+                return (h, trace.stacked()[:, 0]) if rec else h  # q returned: it may not escape vmap
 
             with math_mode(model):  # SDPA has no vmap batching rule on CPU
-                h = vmap(exits_of)(params)[:, :, :-1]  # [cand, layer, pos - 1, d_model]; the last predicts nothing
+                h = vmap(exits_of)(params)
+            if rec:
+                h, q = h
+                log_queries(ctx, q)  # [cand, layer, pos, head * d_head]
+            h = h[:, :, :-1]  # [cand, layer, pos - 1, d_model]; the last predicts nothing
             n_layers, n_pos = h.shape[1], h.shape[2]
             flat = h.detach().flatten(0, 1)  # [cand * layer, pos - 1, d_model]
             g_flat = torch.zeros_like(flat)

@@ -5,6 +5,10 @@ forward-mode pass at θ0 in the direction Δ = θ − θ0 (`iclgd.dual.first_ord
 J·Δ, and the gradient of the loss at f_lin, Jᵀ·g, is one ordinary backward through that pass's
 primal (which keeps its autograd graph) with output gradient g. The query is then
 evaluated with every recorded quantity linearized the same way.
+
+q_train (the attention ranking, iclgd.ranking_record) is the query of the linearized model,
+q(θ0) + J_q(θ0)·Δ, the same first-order value as every quantity LinGD evaluates: its primal plus
+tangent from the step's own forward-mode pass, so it costs no extra pass.
 """
 
 from __future__ import annotations
@@ -12,8 +16,28 @@ from __future__ import annotations
 import torch
 
 from iclgd.dual import first_order, first_order_many
-from iclgd.processes.base import Process, TrainContext, TrainResult, register_process, token_loss
+from iclgd.processes.base import (
+    Process,
+    TrainContext,
+    TrainResult,
+    log_queries,
+    recording,
+    register_process,
+    token_loss,
+)
 from iclgd.processes.gd import lm_logits
+
+
+def _outputs(model, params, ids, record: bool) -> dict[str, torch.Tensor]:
+    """The function a step linearizes: logits [pos, vocab], and with `record` the queries
+    [layer, pos, head * d_head] (returned, not stored: first_order unpacks their dual numbers)."""
+    from iclgd.capture import record_queries
+
+    with record_queries(model, on=record) as trace:
+        out = {"logits": lm_logits(model, params, ids)}
+    if trace is not None:
+        out["q"] = trace.stacked()[:, 0]
+    return out
 
 
 @register_process("lingd")
@@ -31,7 +55,9 @@ class LinGD(Process):
             # Jᵀg is the backward of that same pass.
             leaves = {n: p.detach().requires_grad_(True) for n, p in theta0.items()}
             with math_mode(model):  # SDPA has no forward-mode derivative on CPU
-                f0, jd = first_order(lambda p, ids=ids: {"logits": lm_logits(model, p, ids)}, leaves, delta)
+                f0, jd = first_order(lambda p, ids=ids: _outputs(model, p, ids, recording(ctx)), leaves, delta)
+            if "q" in f0:  # the linearized model's queries: primal + tangent [layer, pos, head * d_head]
+                log_queries(ctx, f0["q"] + jd["q"])
             lin = (f0["logits"] + jd["logits"]).detach().requires_grad_(True)  # [pos, vocab]
             loss = token_loss(lin, ids) / len(batch)
             (g_out,) = torch.autograd.grad(loss, lin)
@@ -57,7 +83,9 @@ class LinGD(Process):
         for ids in batch:
             leaves = {n: p.detach().requires_grad_(True) for n, p in theta0.items()}
             with math_mode(model):
-                f0, jd = first_order_many(lambda p, ids=ids: {"logits": lm_logits(model, p, ids)}, leaves, deltas)
+                f0, jd = first_order_many(lambda p, ids=ids: _outputs(model, p, ids, recording(ctx)), leaves, deltas)
+            if "q" in f0:  # [cand, layer, pos, head * d_head]
+                log_queries(ctx, f0["q"][None] + jd["q"])
             lin = (f0["logits"] + jd["logits"]).detach().requires_grad_(True)  # [cand, pos, vocab]
             loss = torch.stack([token_loss(lin[c], ids) for c in range(n_cand)]) / len(batch)  # [cand]
             (g_out,) = torch.autograd.grad(loss.sum(), lin)  # [cand, pos, vocab]: row c is candidate c's

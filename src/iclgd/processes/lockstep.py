@@ -13,7 +13,9 @@ the sum of the candidates' losses with respect to the stacked parameters is each
 gradient. The SGD update, the per-layer norms, the non-finite checks and every clipping mode are
 applied per candidate, exactly as `Process.train` applies them to one; tests/test_lrsearch.py
 checks that the result equals training each candidate alone, for every process, with and
-without clipping. A candidate whose loss or gradient is non-finite stops there with the error
+without clipping. With `TrainContext.record_queries` each step's q_train comes back stacked over
+the candidates still training ([cand, layer, pos, d]) and is split per candidate here, so the
+search's winner carries its own (tests/test_ranking_record.py). A candidate whose loss or gradient is non-finite stops there with the error
 `Process.train` would raise (a diverging rate is a legitimate loser of a search) and leaves the
 others running.
 
@@ -61,7 +63,7 @@ def _owner(cls: type, name: str) -> type | None:
 def train(proc: Process, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainResult | IclgdError]:
     """Train one candidate per learning rate in lockstep; each entry is the candidate's
     TrainResult, or the error that stopped it (as `Process.train` would have raised it)."""
-    from iclgd.processes.base import TrainResult
+    from iclgd.processes.base import TrainResult, train_queries
 
     cfg = ctx.config
     seqs = [torch.tensor(list(s), dtype=torch.long, device=ctx.model.device) for s in ctx.sequences]
@@ -79,11 +81,19 @@ def train(proc: Process, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainR
              for n, p in ctx.theta0.items()}  # [cand, ...]
     norms = torch.zeros(n_cand, ctx.n_layers, n_steps)  # [cand, layer, step]
     losses = torch.zeros(n_cand, n_steps)  # [cand, step]
+    recorded: list[list[torch.Tensor]] = [[] for _ in range(n_cand)]  # q_train per candidate and sequence
     bar = tqdm(batches, desc=f"train {proc.name} x{n_cand}", unit="step", disable=not ctx.progress, leave=False)
     for step, batch in enumerate(bar):
         rate = torch.tensor([lrs[c] for c in alive], dtype=torch.float32)  # [cand]
         params = {n: (ctx.theta0[n] + delta[n]).requires_grad_(True) for n in delta}
-        loss, grads = proc.grads_many(ctx, params, batch)  # [cand], {name: [cand, ...]}
+        ctx.queries = [] if ctx.record_queries else None
+        try:
+            loss, grads = proc.grads_many(ctx, params, batch)  # [cand], {name: [cand, ...]}
+        finally:
+            step_queries, ctx.queries = ctx.queries or [], None
+        for q in step_queries:  # [cand, layer, pos - 1, d], rows in the order of `alive`
+            for j, c in enumerate(alive):
+                recorded[c].append(q[j])
         grads = {n: g * ctx.masks[n] if n in ctx.masks else g for n, g in grads.items()}
         step_norms = layer_norms_many(grads, ctx.layer_of, ctx.n_layers)  # [cand, layer]
         keep = []
@@ -122,7 +132,8 @@ def train(proc: Process, ctx: TrainContext, lrs: Sequence[float]) -> list[TrainR
             continue
         j = alive.index(c)
         # a copy, not a view: the kept winner must not hold every candidate's stack alive
-        out.append(TrainResult({n: d[j].clone() for n, d in delta.items()}, norms[c], losses[c], float(after[j])))
+        out.append(TrainResult({n: d[j].clone() for n, d in delta.items()}, norms[c], losses[c], float(after[j]),
+                               train_queries(recorded[c], len(seqs))))
     return out
 
 
