@@ -207,6 +207,7 @@ def test_ctrl_c(home, tiny_dir):
     The second cell's training blocks (a plugin process that sleeps on the second cell's demonstrations), so the
     signal lands inside it however fast or loaded the machine is."""
     import signal
+    import time
 
     (home / "sleepy.py").write_text(textwrap.dedent("""\
         import time
@@ -219,6 +220,7 @@ def test_ctrl_c(home, tiny_dir):
             def grads(self, ctx, params, batch):
                 seen.add(tuple(map(tuple, ctx.sequences)))
                 if len(seen) > 1:  # the second cell: other demonstrations
+                    open("sleeping", "w").close()
                     time.sleep(300)
                 return super().grads(ctx, params, batch)
         """))
@@ -231,6 +233,10 @@ def test_ctrl_c(home, tiny_dir):
             break
     else:
         pytest.fail(f"the sweep ended before its first cell was reported: {proc.wait()} {proc.stderr.read()}")
+    for _ in range(600):  # the second cell is inside its training
+        if (home / "sleeping").exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
