@@ -179,7 +179,7 @@ def _exclusion(spec: Spec, cell: Cell, other: Cell | None) -> str:
         return f"no {spec.control} run"
     if spec.a not in cell.values or (spec.b is not None and spec.b not in other.values):
         where = "" if other is cell else f" or the {spec.control} run"
-        return f"not computed on this cell{where} (a setting is missing)"
+        return f"not computed on this cell{where} (its run holds no such value: a setting or a recording is missing, e.g. a run made with --no-ranking or by an older iclgd)"
     if other is not cell and (cell.n_examples != other.n_examples or cell.eval_ids != other.eval_ids):
         return f"eval examples differ from the {spec.control} run's"
     uses = tuple(dict.fromkeys(cell.values[spec.a].uses + (cell.values[spec.b].uses if spec.b else ())))
