@@ -323,12 +323,39 @@ def test_a_merged_boundary_makes_the_spans_undefined_with_a_reason():
     tok = _MergingTokenizer()
     texts, sep = ["ab", "cd"], "\n"
     demos = [tuple(map(ord, t)) for t in texts]
-    spans, note = _natural_spans(tok, 1, texts, demos, sep, (0, *tok("ab\ncd\n")["input_ids"]))
+    spans, note = _natural_spans(tok, 1, texts, demos, sep, (0, *tok("ab\ncd\n")["input_ids"]), "")
     assert spans == ((1, 3), (4, 6)) and note == ""
     texts = ["ae", "cd"]
     demos = [tuple(map(ord, t)) for t in texts]
-    spans, note = _natural_spans(tok, 1, texts, demos, sep, (0, *tok("ae\ncd\n")["input_ids"]))
+    spans, note = _natural_spans(tok, 1, texts, demos, sep, (0, *tok("ae\ncd\n")["input_ids"]), "")
     assert spans is None and "demonstration 0" in note and "cross it" in note
+
+
+class _TrailingTokenizer:
+    """Splits on characters, except a "\n\n" that ends the text is one token (SmolLM2's BPE: a
+    final "\n\n" is one token alone, two before a word)."""
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        ids, offsets, i = [], [], 0
+        while i < len(text):
+            j = i + 2 if text[i:] == "\n\n" else i + 1
+            ids.append(2000 if j == i + 2 else ord(text[i]))
+            offsets.append((i, j))
+            i = j
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+
+def test_spans_are_read_off_the_text_the_prefix_came_from():
+    """The natural prefix is read off prefix text + a query, where the last separator is two
+    tokens; the prefix text alone ends in one. The spans must come from the former (they were
+    undefined on every SmolLM2 cell when read off the latter)."""
+    tok = _TrailingTokenizer()
+    texts, sep = ["ab", "cd"], "\n\n"
+    demos = [tuple(map(ord, t)) for t in texts]
+    prefix = (0, *tok("ab\n\ncd\n\nq")["input_ids"][:-1])
+    assert tok("ab\n\ncd\n\n")["input_ids"][-1] == 2000 and prefix[-1] == ord("\n")
+    spans, note = _natural_spans(tok, 1, texts, demos, sep, prefix, "q")
+    assert spans == ((1, 3), (5, 7)) and note == ""
 
 
 def test_an_undefined_layout_is_reported_not_computed(lm):

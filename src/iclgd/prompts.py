@@ -232,7 +232,8 @@ def build_prompts(
     if tokenization == "natural" and separator not in _EOS_NAMES:
         demo_texts = [f"{q} {task.label_words[y]}" for q, y in zip(demo_q, labels)]
         prefixes = _natural_prefixes(tokenizer, bos, demo_texts, demos, separator, eval_q, queries)
-        spans, note = _natural_spans(tokenizer, len(bos), demo_texts, demos, separator, prefixes[-1])
+        probe = eval_q[0] if eval_q else "x"
+        spans, note = _natural_spans(tokenizer, len(bos), demo_texts, demos, separator, prefixes[-1], probe)
     else:  # piecewise; with an EOS separator the two are the same (it is a token, not text)
         prefixes = [bos]
         for d in demos:
@@ -243,17 +244,22 @@ def build_prompts(
                    prefixes=tuple(prefixes), tokenization=tokenization, demo_spans=spans, spans_note=note)
 
 
-def _natural_spans(tokenizer, n_bos: int, demo_texts, demos, separator, prefix) -> tuple[tuple | None, str]:
+def _natural_spans(tokenizer, n_bos: int, demo_texts, demos, separator, prefix, probe) -> tuple[tuple | None, str]:
     """Each demonstration's (start, stop) in the natural prefix, read from character offsets
-    (module docstring), or (None, why) where some demonstration's tokens in context are not its own."""
+    (module docstring), or (None, why) where some demonstration's tokens in context are not its own.
+
+    The offsets come from the same text the prefix was read off: prefix text + a query (`probe`).
+    The prefix text alone can end in other tokens (SmolLM2: a final "\n\n" is one token alone,
+    two before a word)."""
     if not demos:
         return (), ""
     text = "".join(t + separator for t in demo_texts)
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text + probe, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, ValueError, TypeError) as err:  # a slow tokenizer has no offsets
         return None, f"the tokenizer gives no character offsets ({type(err).__name__}), so demonstration tokens cannot be located"
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    n = len(prefix) - n_bos
+    ids, offsets = list(enc["input_ids"])[:n], list(enc["offset_mapping"])[:n]
     if tuple(ids) != tuple(prefix[n_bos:]):  # the prefix was read off text + a query: it must agree
         return None, "the ICL prefix's tokens differ from the prefix text's own tokenization"
     spans, a = [], 0
