@@ -173,7 +173,7 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
         "run": {"model": loaded.name, "task": cfg.task.name, "seed": cfg.seed, "k": cfg.k, "eval_cap": len(gold),
                 "settings": settings, "protocol": cfg.protocol.name,
                 "lr": {s.label: s.lr.lr for s in cfg.settings if s.process}, "batch_size": cfg.compute.batch_size,
-                "dtype": cfg.compute.dtype, "device": cfg.compute.device},
+                "dtype": cfg.compute.dtype, "device": cfg.compute.device, "ranking": cfg.records_ranking},
         "machine": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "rss_before_run_mb": rss_before, "gpu_allocated_before_run_mb": gpu_before,
@@ -347,6 +347,7 @@ def markdown(r: dict) -> str:
     lines = [
         f"# iclgd bench: {run_['model']} {run_['task']} k={run_['k']} eval_cap={run_['eval_cap']} "
         f"(seed {run_['seed']}, {r['machine']['torch_threads']} threads, {run_['dtype']}, "
+        f"attention ranking {'on' if run_.get('ranking') else 'off'} (not in the FLOP floor), "
         f"1-min load avg before/after {'/'.join(f'{x:.1f}' for x in load if x is not None)})",
         "",
         f"matmul peak (float32 {r['matmul']['n']}^2, best of {r['matmul']['reps']}, probed before each setting "
