@@ -30,3 +30,26 @@ def registry(tmp_path_factory):
     for name in set(sys.modules) - modules:  # the plugin modules the test wrote, nothing else
         if str(getattr(sys.modules[name], "__file__", "") or "").startswith(tmp):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a model folder: the CLI loads it as a user's local model."""
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model loads: for inputs that must be refused before any model does."""
+    from iclgd import models
+
+    def refuse(*a, **kw):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)

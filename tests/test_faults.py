@@ -20,23 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from iclgd import cli, locks, models, runfolder, sweep
+from iclgd import cli, locks, runfolder, sweep
 
 from conftest import SHARED_DATA
-from tiny import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 D = str(SHARED_DATA)
 SENTINEL = "precious.txt"
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved as a model folder: the CLI loads it as a user's local model."""
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -46,14 +35,6 @@ def home(tmp_path, monkeypatch):
     (tmp_path / SENTINEL).write_text("mine")
     yield tmp_path
     assert (tmp_path / SENTINEL).read_text() == "mine", "a user file was lost"
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **kw):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def call(argv, capsys) -> tuple[int, str, str]:

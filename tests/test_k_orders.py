@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from iclgd import cli, experiment, models, report, sweep
+from iclgd import cli, experiment, report, sweep
 from iclgd.data import demo_order, select_examples
 from iclgd.processes import PROCESSES, ProcessConfig, TrainContext
 
@@ -48,14 +48,6 @@ def one_thread():
 def home(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **kw):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def call(argv, capsys) -> tuple[int, str, str]:
