@@ -49,7 +49,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    from iclgd.errors import IclgdError
     from iclgd.models import load_model
+    from iclgd.protocols import get_protocol
+
+    try:
+        get_protocol(args.protocol)  # before the model loads
+    except IclgdError as err:
+        ap.error(str(err))
 
     tok_model = load_model("smollm2-135m")  # its tokenizer and prompt checks; the weights are not used
     cells = plan_cells(["sst2", "sst5", "mr", "subj", "agnews", "cb"], None, settings=SETTINGS, protocol=args.protocol,

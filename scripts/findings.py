@@ -45,7 +45,11 @@ def main() -> int:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(shlex.join(extra) + "\n")
-        code = subprocess.call(cmd)
+        proc = subprocess.Popen(cmd)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reaches iclgd too: it keeps finished cells and exits 130
+            code = proc.wait()
         if code != 0:
             print(f"findings: reproduce ended with exit code {code}; rerun the same command to resume", file=sys.stderr)
             return code

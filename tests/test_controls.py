@@ -85,3 +85,12 @@ def test_control_seeds_first_takes_each_tasks_own_first_seed(tmp_path):
     with pytest.raises(PlanError, match="first"):
         sweep.plan_cells(["sst2"], None, model="tiny-llama", k=2, eval_cap=4, data_dir=str(SHARED_DATA),
                          controls=("untrained",), control_seeds="second")
+
+
+def test_a_misspelled_control_seeds_value_names_both_forms(capsys, no_model, tmp_path):
+    from iclgd import cli
+
+    code = cli.main(["reproduce", "--controls", "--control-seeds", "frist", "--data-dir", str(SHARED_DATA),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'frist'" in err and "'first'" in err and not (tmp_path / "o").exists()

@@ -258,8 +258,13 @@ def _reproduce(args) -> int:
     ks = _ints("--k", args.k)
     if args.orders < 1:
         raise PlanError(f"--orders must be >= 1 (1: the original order only), got {args.orders}")
-    control_seeds = ("first" if (args.control_seeds or "").strip() == "first"
-                     else _ints("--control-seeds", args.control_seeds))
+    if (args.control_seeds or "").strip() == "first":
+        control_seeds = "first"
+    else:
+        try:
+            control_seeds = _ints("--control-seeds", args.control_seeds)
+        except PlanError as err:
+            raise PlanError(f"{err}, or 'first' (each task's first seed)") from None
     if control_seeds is not None and not args.controls:
         raise PlanError("--control-seeds needs --controls")
     if args.cpus_per_cell < 1:
