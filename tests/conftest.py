@@ -53,3 +53,16 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules that run many 2-layer steps, each far too small for a second thread to pay for
+    its wake-up (on a shared 2-core machine, milliseconds per op); the values compared come from
+    the same thread count on both sides."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -51,15 +51,7 @@ def one_by_one(proc, model, cfg, lrs, reference_norms=None):
             for lr in lrs]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many 2-layer steps, each far too small for a second thread to pay for its
-    wake-up (on a shared 2-core machine, milliseconds per op); the values compared come from the
-    same thread count on both sides."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2-layer steps, one thread
 
 
 @pytest.fixture(scope="module")

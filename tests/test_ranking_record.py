@@ -30,12 +30,7 @@ FAST = dict(task="sst2", seed=2, k=3, eval_cap=5, data_dir=str(SHARED_DATA), pro
 ARRAYS = ("label_logprobs", "pred", "gold", "attn_out", "attn_logits", "q_len", "grad_norms", "losses")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2-layer steps, one thread
 
 
 @pytest.fixture(scope="module")
