@@ -70,6 +70,9 @@ class Plan:
     # (the ICL prefix, cached or not)
     demo_pos: torch.Tensor | None = None
     prefix_len: int = 0
+    # also the demonstration tokens' keys (the same in every batch, being the prefix's: a caller
+    # takes them from its first batch only, since gathering them per batch churns ~0.7 MB a layer)
+    demo_keys: bool = True
     queries: bool = False  # q before the rotary embedding at the recording position (arch.query_sites)
 
     @property
@@ -110,7 +113,9 @@ class Captured:
         }
         if any(t is not None for t in self.icl_q):
             out.update(icl_q=torch.stack(self.icl_q, dim=1), icl_seen=torch.stack(self.icl_seen, dim=1),
-                       icl_keys=torch.stack(self.icl_keys), attn_scaling=torch.tensor(self.scaling))
+                       attn_scaling=torch.tensor(self.scaling))
+            if all(t is not None for t in self.icl_keys):
+                out["icl_keys"] = torch.stack(self.icl_keys)
         if any(t is not None for t in self.query):
             out["query"] = torch.stack(self.query, dim=1)
         return out
@@ -195,7 +200,8 @@ def _record_demo(
     present = (key_idx >= 0) & (key_idx < n)  # [batch, demo_tok]
     idx = key_idx.clamp(0, n - 1)
     cap.icl_seen[state.layer] = (present & open_row.gather(1, idx)).all(-1)  # [batch]
-    cap.icl_keys[state.layer] = keys[0][:, idx[0]] * present[0][None, :, None]  # [kv_head, demo_tok, d_head]
+    if state.session.plan.demo_keys:
+        cap.icl_keys[state.layer] = keys[0][:, idx[0]] * present[0][None, :, None]  # [kv_head, demo_tok, d_head]
     cap.icl_q[state.layer] = q_rec
 
 

@@ -182,6 +182,7 @@ def evaluate(
             pred_pos=len(head) + torch.tensor([len(queries[i]) for i in idx]) - 1,
             math=linearize is not None,
             demo_pos=demo_pos,
+            demo_keys="icl_keys" not in shared,  # the prefix's keys: the first batch's serve for all
             prefix_len=len(prefix),
             queries=options.queries,
         )
