@@ -219,6 +219,19 @@ def test_results_do_not_depend_on_the_eval_batch_size(lm, cell):
                 np.testing.assert_allclose(other.records[s].extras[k].numpy(), v.numpy(), atol=atol, err_msg=f"{s} {k}")
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_icl_scores_sum_each_head_against_its_kv_group(softcap):
+    """IclSide.scores = Σ_heads softcap(q_h · k_kv(h)), head h reading kv head h // group (as
+    transformers' repeat_kv), computed here with the keys expanded to every head."""
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(5, 3, 6, 4, generator=g), torch.randn(3, 2, 7, 4, generator=g)  # 6 heads, 2 kv heads
+    side = ranking_record.IclSide(q, keys, torch.ones(5, 3, dtype=torch.bool), torch.ones(3), softcap)
+    s = torch.einsum("blhd,lhtd->blht", q, keys.repeat_interleave(3, dim=1))
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    torch.testing.assert_close(side.scores(slice(1, 4)), s.sum(2)[1:4])
+
+
 def test_streaming_chunks_give_the_same_arrays():
     g = torch.Generator().manual_seed(1)
     side = ranking_record.IclSide(torch.randn(7, 2, 2, 4, generator=g), torch.randn(2, 1, 9, 4, generator=g),

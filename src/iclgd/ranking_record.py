@@ -57,7 +57,6 @@ import numpy as np
 import torch
 
 from iclgd import ranking
-from iclgd.attention import _expand_kv
 
 PREFIX = "ranking_"
 ICL_KEYS = ("icl_q", "icl_seen", "icl_keys", "attn_scaling")  # Record.extras of ICL's eval (iclgd.evaluate)
@@ -111,11 +110,13 @@ class IclSide:
     def scores(self, rows: slice | Sequence[int]) -> torch.Tensor:
         """ICL's scores [batch, layer, demo_tok] of these examples: Σ_heads softcap(q_h · k_h)."""
         q = self.q[rows].float()  # [batch, layer, head, d_head]
-        keys = _expand_kv(self.keys.float(), q.shape[2])  # [layer, head, demo_tok, d_head]
-        s = torch.einsum("blhd,lhtd->blht", q, keys)  # [batch, layer, head, demo_tok]
-        if self.softcap is not None:
-            s = torch.tanh(s / self.softcap) * self.softcap
-        return s.sum(2)
+        keys = self.keys.float()  # [layer, kv_head, demo_tok, d_head]
+        b, n_layers, n_heads, d = q.shape
+        q = q.view(b, n_layers, keys.shape[1], n_heads // keys.shape[1], d)  # head h reads kv_head h // group
+        if self.softcap is None:  # Σ_h q_h · k_kv(h) = Σ_kv (Σ_{h of kv's group} q_h) · k_kv
+            return torch.einsum("blkd,lktd->blt", q.sum(3), keys)
+        s = torch.einsum("blkgd,lktd->blkgt", q, keys)  # [batch, layer, kv_head, group, demo_tok]
+        return (torch.tanh(s / self.softcap) * self.softcap).sum((2, 3))
 
 
 def take_icl_side(rec, model) -> IclSide:
