@@ -6,8 +6,9 @@ For each task and seed of the reproduction (the default protocol: every process'
 search with its grid of candidates in lockstep and its held-out scoring; the settings of
 `iclgd reproduce`), the cell's FLOP floor from the real token counts (SmolLM2-135M's tokenizer,
 `iclgd.flops`), summed; then that floor in seconds at a device's dense peak. The models: SmolLM2-135M,
-and the papers' fairseq-dense 1.3B (its dimensions below; token counts taken from SmolLM2's
-tokenizer, a close BPE). No model is loaded: dimensions come from configs on the meta device.
+Gemma-3-270m and the papers' fairseq-dense 1.3B (their dimensions below; token counts taken from
+SmolLM2's tokenizer for all three, an estimate for the other two). No model is loaded: dimensions
+come from configs on the meta device.
 A floor, not a forecast: a 135M model's per-step kernels are far too small to run near a GPU's
 peak (launch overhead dominates), which `scripts/gpu_check.sh` measures.
 """
@@ -29,6 +30,10 @@ SETTINGS = "zsl,icl,gd,lcgd,lingd,lcgd[clip=match_gd]"
 MODELS = {
     "smollm2-135m": tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+    # Gemma-3-270m (the other embedded model): 18 layers, d_model 640, 4 query heads on 1 kv head of 256,
+    # and a 262k-row head, which LCGD's per-layer exits multiply by
+    "gemma3-270m": tf.Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=256),
     # KoboldAI/fairseq-dense-1.3B (XGLM layout): 24 layers, d_model 2048, 32 heads, ffn 8192
     "fairseq-dense-1.3b": tf.XGLMConfig(vocab_size=50261, d_model=2048, num_layers=24, attention_heads=32,
                                         ffn_dim=8192, max_position_embeddings=2048),
