@@ -9,8 +9,9 @@ report.html, figures/, tables/) into docs/findings/NAME/ and writes docs/finding
 the exact command, iclgd version and git commit, the compute the cells took (the sum of their
 settings' wall seconds, read from the run folders, so a run spread over several sessions is
 counted once per cell) and the wall time of this invocation. `--publish-only` skips the
-reproduce. The written interpretation (what the numbers say) goes in docs/findings/NAME/README.md
-by hand: this script never writes or overwrites it.
+reproduce. Publishing again replaces what the last publish copied (listed in .published there)
+and nothing else. The written interpretation (what the numbers say) goes in
+docs/findings/NAME/README.md by hand: this script never writes or overwrites it.
 """
 
 from __future__ import annotations
@@ -69,12 +70,17 @@ def publish(name: str, out: Path, extra: list[str], wall_s: float) -> None:
         raise SystemExit(f"findings: no report at {report}; run without --publish-only first")
     dest = ROOT / "docs" / "findings" / name
     dest.mkdir(parents=True, exist_ok=True)
-    for item in ("summary.md", "report.html"):
-        shutil.copy2(report / item, dest / item)
-    for folder in ("figures", "tables"):
-        if (dest / folder).exists():
-            shutil.rmtree(dest / folder)  # only the copies this script made
-        shutil.copytree(report / folder, dest / folder)
+    manifest = dest / ".published"  # what the last publish copied here: the only files it may remove
+    if manifest.exists():
+        for rel in manifest.read_text().splitlines():
+            (dest / rel).unlink(missing_ok=True)
+    copied = ["summary.md", "report.html"] + sorted(
+        str(p.relative_to(report)) for folder in ("figures", "tables") for p in (report / folder).rglob("*")
+        if p.is_file())
+    for rel in copied:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(report / rel, dest / rel)
+    manifest.write_text("\n".join(copied) + "\n")
     runs, _ = runfolder.find_runs(out / "runs")
     cell_s = sum(sum(float(r.get("wall_s", 0.0)) for r in run.results.values() if isinstance(r, dict))
                  for run in runs)
