@@ -42,6 +42,10 @@ def main() -> int:
     t0 = time.time()
     saved = out.with_name(args.name + ".command")  # beside the run folder, which only iclgd writes into
     if args.publish_only:
+        if not (out / "report" / "summary.md").exists():
+            print(f"findings: nothing to publish: no report at {out / 'report'}; run without --publish-only first",
+                  file=sys.stderr)
+            return 2
         extra = shlex.split(saved.read_text()) if saved.exists() and not extra else extra
     else:
         out.parent.mkdir(parents=True, exist_ok=True)

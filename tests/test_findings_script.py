@@ -69,3 +69,10 @@ def test_publish_without_a_report_says_how_to_make_one(findings, tmp_path):
     with pytest.raises(SystemExit, match="run without --publish-only first"):
         findings.publish("none", out, [], wall_s=0.0)
     assert not (tmp_path / "docs").exists()
+
+
+def test_publish_only_without_a_run_exits_2(findings, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["findings.py", "nosuch", "--publish-only"])
+    assert findings.main() == 2
+    assert "run without --publish-only first" in capsys.readouterr().err
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "runs").exists()
