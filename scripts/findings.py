@@ -77,7 +77,9 @@ def publish(name: str, out: Path, extra: list[str], wall_s: float) -> None:
     manifest = dest / ".published"  # what the last publish copied here: the only files it may remove
     if manifest.exists():
         for rel in manifest.read_text().splitlines():
-            (dest / rel).unlink(missing_ok=True)
+            path = (dest / rel).resolve()
+            if rel and path.is_relative_to(dest.resolve()) and path.name != "README.md":  # a listing edited by hand
+                path.unlink(missing_ok=True)
     copied = ["summary.md", "report.html"] + sorted(
         str(p.relative_to(report)) for folder in ("figures", "tables") for p in (report / folder).rglob("*")
         if p.is_file())
