@@ -368,6 +368,28 @@ def test_order_tables_match_a_direct_computation(tmp_path):
     assert int(r["orders"]) == 3 and math.isfinite(float(r["sd_high"]))
 
 
+def test_order_entries_resting_on_a_flagged_run_carry_the_mark(tmp_path):
+    """ICL is degenerate under one order only: its flips and spread rest on that run, so its rows
+    carry † (Markdown) and flagged 1 (CSV), in every seed's row and the pooled one; GD's do not."""
+    root = tmp_path / "runs"
+    for seed in (2, 3):
+        for o in range(2):
+            write_run(root, "sst2", seed, ("zsl", "icl", "gd"), order=o,
+                      flags={"icl": ["one_class"]} if (seed, o) == (3, 1) else None)
+    out = tmp_path / "report"
+    report.build_report(root, out, figures=False)
+    with (out / "tables" / "order_flips.csv").open() as f:
+        flagged = {(r["seed"], r["setting"]): r["flagged"] for r in csv.DictReader(f)}
+    assert flagged["3", "icl"] == "1"
+    assert flagged["2", "icl"] == "0" and flagged["3", "gd"] == "0" and flagged["3", "zsl"] == "0"
+    rows = [line.split(" | ") for line in (out / "tables" / "order_flips.md").read_text().splitlines()
+            if line.startswith("| sst2")]
+    marked = {(r[2], r[4]) for r in rows if r[4].endswith("†")}
+    assert marked == {("3", "icl †"), ("all (2)", "icl †")}, marked
+    spread = (out / "tables" / "order_spread.md").read_text()
+    assert any("accuracy: icl" in line and "†" in line for line in spread.splitlines())
+
+
 def json_lines(path, key):
     return [json.loads(line)[key] for line in path.read_text().splitlines() if line.strip()]
 

@@ -36,8 +36,9 @@ from iclgd.flops import CellTokens, ModelDims, setting_flops
 from iclgd.plan import CellPlan, LrRule, RunConfig, resolve_cell
 
 DEFAULT_EVAL_CAP = 64
-TARGET_FLOOR_RATIO = 2.0  # full cell within 2x its FLOP floor
-TARGET_CACHE_SPEEDUP = 10.0  # cached ICL >= 10x faster per example than re-encoding (k = 32)
+TARGET_FLOOR_RATIO = 1.6  # the reference-rate cell within 1.6x its FLOP floor (issue 14; 2x before it)
+TARGET_DEFAULT_FLOOR_RATIO = 2.0  # the default-protocol cell within 2x the floor of its work (issue 14)
+TARGET_CACHE_SPEEDUP = 19.0  # cached ICL >= 19x faster per example than re-encoding, k 32 (issue 14; 10x before)
 TARGET_SEARCH_OVERHEAD = 1.3  # default-protocol cell <= 1.3x the reference-rate cell (issue 14, at 872 eval)
 TARGET_SEARCH_MEM = 2.0  # a searched setting's memory above the start <= 2x the one-candidate setting's
 
@@ -182,7 +183,8 @@ def bench(cfg: RunConfig | CellPlan, *, loaded=None, out: str | Path | None = No
                     # OpenMP's default active spin-wait collapses when the cores are oversubscribed
                     "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}},
         "targets": {"floor_ratio_max": TARGET_FLOOR_RATIO, "cache_speedup_min": TARGET_CACHE_SPEEDUP,
-                    "search_overhead_max": TARGET_SEARCH_OVERHEAD, "default_floor_ratio_max": TARGET_FLOOR_RATIO,
+                    "search_overhead_max": TARGET_SEARCH_OVERHEAD,
+                    "default_floor_ratio_max": TARGET_DEFAULT_FLOOR_RATIO,
                     "search_mem_ratio_max": TARGET_SEARCH_MEM},
         "note": ("FLOP floor: useful matmul work only (module docstring of iclgd.bench); floor_ratio is the "
                  "reference-rate cell (each process trained once), default_* the cell with its learning-rate "
@@ -404,7 +406,7 @@ def _default_markdown(r: dict) -> list[str]:
     lines.append(f"| **cell** | | | | {sum(x['gflop'] for x in d['settings'].values()):.4g} | {d['floor_s']:.1f} | "
                  f"{d['wall_s']:.1f} | **{d['floor_ratio']:.2f}** | {r['wall_s']:.1f} | | |")
     ok = "meets" if r["search_overhead"] <= TARGET_SEARCH_OVERHEAD else "misses"
-    ok_f = "meets" if r["default_floor_ratio"] <= TARGET_FLOOR_RATIO else "misses"
+    ok_f = "meets" if r["default_floor_ratio"] <= TARGET_DEFAULT_FLOOR_RATIO else "misses"
     ok_m = "meets" if r["search_mem_ratio"] <= TARGET_SEARCH_MEM else "misses"
     mem = ", ".join(f"{s} {m['ratio_above_start']:.2f}" for s, m in d["search_memory"].items())
     lines += [
@@ -412,7 +414,7 @@ def _default_markdown(r: dict) -> list[str]:
         f"- search_overhead (default cell wall / reference-rate cell wall): {r['search_overhead']:.2f} ({ok} the "
         f"<= {TARGET_SEARCH_OVERHEAD:g}x target, set for 872 eval examples)",
         f"- default_floor_ratio (default cell wall / the floor of its work, search included): "
-        f"{r['default_floor_ratio']:.2f} ({ok_f} the <= {TARGET_FLOOR_RATIO:g}x target)",
+        f"{r['default_floor_ratio']:.2f} ({ok_f} the <= {TARGET_DEFAULT_FLOOR_RATIO:g}x target)",
         f"- memory of a searched setting above the level before the cells, over its one-candidate run's: {mem} "
         f"({ok_m} the <= {TARGET_SEARCH_MEM:g}x target)",
     ]

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=2)
     b.add_argument("--k", type=int, default=32)
     b.add_argument("--settings", default="zsl,icl,gd,lcgd,lingd", help=SETTINGS_HELP)
-    b.add_argument("--out", default="bench")
+    b.add_argument("--out", default="runs/bench", help="bench folder (bench.json, bench.md)")
     b.add_argument("--repeat", type=int, default=1,
                    help="run the cell N times; report each setting's fastest run (every run is kept)")
 

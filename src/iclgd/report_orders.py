@@ -127,6 +127,11 @@ class OrderSet:
     def orders(self) -> list[int]:
         return [c.order for c in self.cells]
 
+    def flagged(self, setting: str) -> bool:
+        """Whether `setting` carries a degenerate-result flag (iclgd.flags) under any of the orders:
+        its flips and spread rest on that run, so its rows carry †."""
+        return any(c.flags.get(setting) for c in self.cells)
+
     @property
     def unit(self) -> tuple:
         """What pools over seeds: (model, protocol, control, task, k)."""
@@ -255,7 +260,8 @@ def _flips_body(sets: list[OrderSet]) -> list[list[str]]:
     for s in sets:
         for st in s.settings:
             ps, acc = s.per_setting[st], s.spread.get(("accuracy", st))
-            body.append([*_set_label(s), st, str(len(s.orders)), _fmt_boot(ps[FLIP_ANY], 1),
+            body.append([*_set_label(s), st + (" †" if s.flagged(st) else ""), str(len(s.orders)),
+                         _fmt_boot(ps[FLIP_ANY], 1),
                          _fmt_boot(ps[FLIP_PAIRS], 1), _fmt_boot(ps[DLOGP], SIG),
                          "" if acc is None else fmt_num(acc.mean, 1), "" if acc is None else _fmt_boot(acc.sd, 1),
                          "" if acc is None else _fmt_boot(acc.range, 1)])
@@ -265,7 +271,7 @@ def _flips_body(sets: list[OrderSet]) -> list[list[str]]:
             have = [s for s in pool if st in s.per_setting]
             accs = [s.spread[("accuracy", st)] for s in have if ("accuracy", st) in s.spread]
             body.append([first.run.task, str(first.run.k), f"all ({len(have)})", control_label(first.run.control),
-                         st, str(len(first.orders)),
+                         st + (" †" if any(s.flagged(st) for s in have) else ""), str(len(first.orders)),
                          *(_fmt_seeds([s.per_setting[st][m].value for s in have], d)
                            for m, d in ((FLIP_ANY, 1), (FLIP_PAIRS, 1), (DLOGP, SIG))),
                          _fmt_seeds([a.mean for a in accs], 1), _fmt_seeds([a.sd.value for a in accs], 1),
@@ -312,13 +318,13 @@ def write_orders_csv(sets: list[OrderSet], flips_path: Path, spread_path: Path) 
     with flips_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "protocol", "control", "task", "seed", "k", "orders", "setting", "quantity", "value",
-                    "low", "high"])
+                    "low", "high", "flagged"])
         for s in sets:
             r = s.run
             head = [r.model, r.protocol, control_label(r.control), r.task, r.seed, r.k, len(s.orders)]
             for st in s.settings:
                 for name, b in s.per_setting[st].items():
-                    w.writerow([*head, st, name, repr(b.value), repr(b.low), repr(b.high)])
+                    w.writerow([*head, st, name, repr(b.value), repr(b.low), repr(b.high), int(s.flagged(st))])
     with spread_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "protocol", "control", "task", "seed", "k", "orders", "table", "column",
