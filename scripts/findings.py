@@ -8,7 +8,8 @@ go on where it stopped; the cells already done are kept), then copies the report
 report.html, figures/, tables/) into docs/findings/NAME/ and writes docs/findings/NAME/RUN.md:
 the exact command, iclgd version and git commit, the compute the cells took (the sum of their
 settings' wall seconds, read from the run folders, so a run spread over several sessions is
-counted once per cell) and the wall time of this invocation. `--publish-only` skips the
+counted once per cell) and what this invocation did: its wall time and how many cells it finished
+(a resumed run's earlier cells were finished by earlier invocations). `--publish-only` skips the
 reproduce. Publishing again replaces what the last publish copied (listed in .published there)
 and nothing else. The written interpretation (what the numbers say) goes in
 docs/findings/NAME/README.md by hand: this script never writes or overwrites it.
@@ -41,6 +42,7 @@ def main() -> int:
     cmd = [iclgd, "reproduce", *extra, "--out", str(out)]
     t0 = time.time()
     saved = out.with_name(args.name + ".command")  # beside the run folder, which only iclgd writes into
+    ran = None  # cells this invocation finished; None: it ran none (--publish-only)
     if args.publish_only:
         if not (out / "report" / "summary.md").exists():
             print(f"findings: nothing to publish: no report at {out / 'report'}; run without --publish-only first",
@@ -50,6 +52,7 @@ def main() -> int:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(shlex.join(extra) + "\n")
+        before = finished_cells(out)
         proc = subprocess.Popen(cmd)
         try:
             code = proc.wait()
@@ -58,11 +61,21 @@ def main() -> int:
         if code != 0:
             print(f"findings: reproduce ended with exit code {code}; rerun the same command to resume", file=sys.stderr)
             return code
-    publish(args.name, out, extra, time.time() - t0)
+        ran = len(finished_cells(out) - before)
+    publish(args.name, out, extra, time.time() - t0, ran)
     return 0
 
 
-def publish(name: str, out: Path, extra: list[str], wall_s: float) -> None:
+def finished_cells(out: Path) -> set[Path]:
+    """The finished run folders under out/runs (each has its DONE file, written last)."""
+    from iclgd import runfolder
+
+    return {p.parent for p in (out / "runs").rglob(runfolder.DONE)} if (out / "runs").exists() else set()
+
+
+def publish(name: str, out: Path, extra: list[str], wall_s: float, ran: int | None = None) -> None:
+    """Copy out/report into docs/findings/NAME and write RUN.md; `ran`: how many cells the invocation
+    that publishes finished (None: it ran none, a publish only)."""
     from importlib.metadata import version
 
     from iclgd import runfolder
@@ -101,8 +114,16 @@ def publish(name: str, out: Path, extra: list[str], wall_s: float) -> None:
         f"names the commit that computed it)\n"
         f"- {len(runs)} cells; compute: {cell_s / 3600:.2f} h, the sum of every setting's wall time over the cells "
         f"(on the machine the provenance names)\n"
-        f"- this invocation: {wall_s / 60:.1f} min wall, published {datetime.date.today().isoformat()}\n")
+        f"- {invocation(wall_s, ran, len(runs))}, published {datetime.date.today().isoformat()}\n")
     print(f"findings: published {dest} ({len(runs)} cells, {cell_s / 3600:.2f} h of cell compute)")
+
+
+def invocation(wall_s: float, ran: int | None, cells: int) -> str:
+    """What the publishing invocation did, for RUN.md."""
+    if ran is None:
+        return "this invocation: publish only (no cell run; the compute above is the cells' own)"
+    earlier = "" if ran == cells else f"; the other {cells - ran} were finished by earlier invocations"
+    return f"this invocation: {wall_s / 60:.1f} min wall, finished {ran} of the {cells} cells{earlier}"
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_publish_copies_the_report_and_keeps_the_written_reading(findings, tmp_p
     (dest / "figures" / "mine.png").write_bytes(b"drawn by hand")  # the author's, never listed
     extra = ["--model", "tiny-gpt2", "--tasks", "sst2", "--controls"]
 
-    findings.publish("demo", out, extra, wall_s=90.0)
+    findings.publish("demo", out, extra, wall_s=90.0, ran=1)  # a resumed run: this invocation finished 1 cell
 
     assert (dest / "README.md").read_text() == "what the numbers say, by hand\n"
     assert (dest / "figures" / "mine.png").read_bytes() == b"drawn by hand"
@@ -55,12 +55,17 @@ def test_publish_copies_the_report_and_keeps_the_written_reading(findings, tmp_p
     listed = set((dest / ".published").read_text().splitlines())
     assert listed == copied and "README.md" not in listed
 
-    findings.publish("demo", out, extra, wall_s=90.0)  # again: the same files, the author's kept
-    assert (dest / "figures" / "mine.png").exists() and set((dest / ".published").read_text().splitlines()) == listed
     run_md = (dest / "RUN.md").read_text()
     assert "iclgd reproduce --model tiny-gpt2 --tasks sst2 --controls --out runs/findings/demo" in run_md
     assert "3 cells" in run_md  # two seeds and the control
-    assert "1.5 min wall" in run_md
+    assert "1.5 min wall, finished 1 of the 3 cells; the other 2 were finished by earlier invocations" in run_md
+    assert findings.finished_cells(out) == {d.parent for d in (out / "runs").rglob("DONE")} and len(
+        findings.finished_cells(out)) == 3
+
+    findings.publish("demo", out, extra, wall_s=0.5)  # again (--publish-only): the same files, the author's kept
+    assert (dest / "figures" / "mine.png").exists() and set((dest / ".published").read_text().splitlines()) == listed
+    run_md = (dest / "RUN.md").read_text()
+    assert "publish only (no cell run" in run_md and "min wall" not in run_md
 
 
 def test_publish_without_a_report_says_how_to_make_one(findings, tmp_path):
